@@ -1,0 +1,205 @@
+"""Sigma discretizations for sampling, DDPM beta tables, and sigma <-> alpha / t conversions.
+
+Every schedule function returns a float64 tensor of ``n + 1`` values: ``n`` strictly
+decreasing positive noise levels followed by a final ``0``. ``n`` is the number of solver
+steps (not the number of denoiser evaluations, which depends on the solver).
+
+Noise level ``sigma`` is the standard deviation of the noise in the variance-exploding
+parameterization ``x = x0 + sigma * eps`` (Karras et al. 2022, "EDM", §2). A variance-
+preserving model with ``x_t = sqrt(abar) x0 + sqrt(1 - abar) eps`` has
+``sigma = sqrt((1 - abar) / abar)`` and sees ``x_t = x / sqrt(1 + sigma^2)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+Schedule = Callable[..., torch.Tensor]
+ALPHA_BAR_FLOOR = 2.0**-24  # stands in for alpha_bar = 0 under a zero-terminal-SNR table
+
+
+# ---------------------------------------------------------------- conversions
+
+def sigma_from_alpha_bar(alpha_bar: torch.Tensor) -> torch.Tensor:
+    """sigma = sqrt((1 - abar) / abar) for a VP cumulative alpha ``abar`` in (0, 1]."""
+    alpha_bar = torch.as_tensor(alpha_bar, dtype=torch.float64).clamp(min=ALPHA_BAR_FLOOR)
+    return ((1 - alpha_bar) / alpha_bar).sqrt()
+
+
+def alpha_bar_from_sigma(sigma: torch.Tensor) -> torch.Tensor:
+    """abar = 1 / (1 + sigma^2), the inverse of :func:`sigma_from_alpha_bar`."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float64)
+    return 1.0 / (1.0 + sigma**2)
+
+
+def sigma_from_flow_t(t: torch.Tensor) -> torch.Tensor:
+    """Rectified flow ``x_t = (1 - t) x0 + t eps`` is ``x0 + sigma eps`` scaled by (1 - t): sigma = t / (1 - t)."""
+    t = torch.as_tensor(t, dtype=torch.float64)
+    return t / (1 - t)
+
+
+def flow_t_from_sigma(sigma: torch.Tensor) -> torch.Tensor:
+    """t = sigma / (1 + sigma), the inverse of :func:`sigma_from_flow_t`."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float64)
+    return sigma / (1 + sigma)
+
+
+def _append_zero(sigmas: torch.Tensor) -> torch.Tensor:
+    return torch.cat([sigmas.to(torch.float64), sigmas.new_zeros(1, dtype=torch.float64)])
+
+
+def _check_range(n: int, sigma_min: float, sigma_max: float) -> None:
+    if int(n) != n or n < 1:
+        raise ValueError(f"number of steps must be an integer >= 1, got {n}")
+    if not (0 < sigma_min < sigma_max) or not math.isfinite(sigma_max):
+        raise ValueError(f"need 0 < sigma_min < sigma_max < inf, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+
+
+# ---------------------------------------------------------------- sampling schedules
+
+def karras(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
+    """Karras et al. 2022, Eq. 5: sigma_i = (smax^(1/rho) + i/(n-1) (smin^(1/rho) - smax^(1/rho)))^rho."""
+    _check_range(n, sigma_min, sigma_max)
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+    inv_min, inv_max = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return _append_zero((inv_max + ramp * (inv_min - inv_max)) ** rho)
+
+
+def exponential(n: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
+    """Geometric spacing: log sigma uniform from log sigma_max to log sigma_min.
+
+    Since logSNR = -2 log sigma, this is also the uniform-logSNR (uniform lambda) spacing
+    of DPM-Solver (Lu et al. 2022, §3.3).
+    """
+    _check_range(n, sigma_min, sigma_max)
+    return _append_zero(torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=torch.float64).exp())
+
+
+def logsnr_uniform(n: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
+    """Uniform in logSNR lambda = -2 log sigma (DPM-Solver's 'logSNR' time steps); equal to :func:`exponential`."""
+    return exponential(n, sigma_min, sigma_max)
+
+
+def polyexponential(n: int, sigma_min: float, sigma_max: float, rho: float = 1.0) -> torch.Tensor:
+    """log sigma interpolated along ramp**rho (k-diffusion's polyexponential); rho = 1 is exponential."""
+    _check_range(n, sigma_min, sigma_max)
+    ramp = torch.linspace(1, 0, n, dtype=torch.float64) ** rho
+    return _append_zero((ramp * (math.log(sigma_max) - math.log(sigma_min)) + math.log(sigma_min)).exp())
+
+
+def vp_continuous(n: int, beta_d: float = 19.9, beta_min: float = 0.1, eps_s: float = 1e-3) -> torch.Tensor:
+    """Continuous VP-SDE (Song et al. 2021, Eq. 33) at t uniform in [1, eps_s]:
+    sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1)."""
+    if int(n) != n or n < 1:
+        raise ValueError(f"number of steps must be an integer >= 1, got {n}")
+    t = torch.linspace(1, eps_s, n, dtype=torch.float64)
+    return _append_zero(torch.special.expm1(beta_d * t**2 / 2 + beta_min * t).sqrt())
+
+
+def flow_shift(n: int, sigma_min: float, sigma_max: float, shift: float = 3.0) -> torch.Tensor:
+    """Flow-matching time shift (Esser et al. 2024, SD3 §5.3.2): t' = s t / (1 + (s - 1) t).
+
+    Uniform steps in the unshifted time u, mapped through the shift, between the times
+    that correspond to sigma_max and sigma_min (sigma = t' / (1 - t')). shift > 1 spends
+    more steps at high noise.
+    """
+    _check_range(n, sigma_min, sigma_max)
+    if shift <= 0:
+        raise ValueError(f"flow shift must be > 0, got {shift}")
+
+    def unshift(t: float) -> float:  # inverse of t' = s u / (1 + (s - 1) u)
+        return t / (shift - (shift - 1) * t)
+
+    t_hi, t_lo = (float(flow_t_from_sigma(torch.tensor(s))) for s in (sigma_max, sigma_min))
+    u = torch.linspace(unshift(t_hi), unshift(t_lo), n, dtype=torch.float64)
+    t = shift * u / (1 + (shift - 1) * u)
+    return _append_zero(sigma_from_flow_t(t))
+
+
+# ---------------------------------------------------------------- DDPM beta tables
+
+def betas_linear(num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
+    """Ho et al. 2020, §4: betas linear from 1e-4 to 0.02 over T = 1000 steps."""
+    return torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
+
+
+def betas_scaled_linear(num_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> torch.Tensor:
+    """Latent diffusion's table: sqrt(beta) linear (Rombach et al. 2022; Stable Diffusion)."""
+    return torch.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=torch.float64) ** 2
+
+
+def betas_cosine(num_timesteps: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
+    """Nichol & Dhariwal 2021, Eq. 17: abar(t) = cos^2((t/T + s) / (1 + s) * pi / 2), betas clipped at 0.999."""
+    t = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps
+    f = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
+    return (1 - f[1:] / f[:-1]).clamp(max=max_beta)
+
+
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Lin et al. 2023, Algorithm 1: shift and scale sqrt(abar) so the last step has SNR 0."""
+    sqrt_ab = torch.cumprod(1 - betas.to(torch.float64), 0).sqrt()
+    first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
+    sqrt_ab = (sqrt_ab - last) * first / (first - last)
+    alpha_bar = sqrt_ab**2
+    alphas = torch.cat([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])
+    return 1 - alphas
+
+
+BETA_TABLES: dict[str, Callable[..., torch.Tensor]] = {
+    "linear": betas_linear,
+    "scaled_linear": betas_scaled_linear,
+    "cosine": betas_cosine,
+}
+
+
+def alphas_cumprod(betas: torch.Tensor) -> torch.Tensor:
+    """abar_t = prod_{s <= t} (1 - beta_s)."""
+    return torch.cumprod(1 - betas.to(torch.float64), 0)
+
+
+def vp_timesteps(n: int, num_timesteps: int, spacing: str = "trailing") -> torch.Tensor:
+    """Descending integer timesteps of a discrete model for ``n`` steps.
+
+    Spacings as named by Lin et al. 2023, Table 2: ``linspace`` (uniform, both ends
+    included), ``leading`` (DDIM's ``arange(0, T, T // n)`` + 1 offset omitted),
+    ``trailing`` (``round(arange(T, 0, -T / n)) - 1``, which starts at the last timestep).
+    """
+    if int(n) != n or not 1 <= n <= num_timesteps:
+        raise ValueError(f"number of steps must be an integer in [1, {num_timesteps}], got {n}")
+    if spacing in ("uniform", "linspace"):
+        t = torch.linspace(0, num_timesteps - 1, n, dtype=torch.float64).round()
+    elif spacing == "leading":
+        t = torch.arange(n, dtype=torch.float64) * (num_timesteps // n)
+    elif spacing == "trailing":
+        t = (torch.arange(num_timesteps, 0, -num_timesteps / n, dtype=torch.float64)).round() - 1
+    else:
+        raise ValueError(f"unknown timestep spacing {spacing!r}; use one of: linspace, leading, trailing")
+    return t.long().flip(0) if spacing != "trailing" else t.long()
+
+
+def vp_discrete(n: int, alpha_bar: torch.Tensor, spacing: str = "trailing") -> torch.Tensor:
+    """Sigmas of a discrete VP model's timesteps chosen by :func:`vp_timesteps`, then 0."""
+    t = vp_timesteps(n, len(alpha_bar), spacing)
+    return _append_zero(sigma_from_alpha_bar(alpha_bar[t]))
+
+
+SCHEDULES: dict[str, Schedule] = {
+    "karras": karras,
+    "exponential": exponential,
+    "logsnr": logsnr_uniform,
+    "polyexponential": polyexponential,
+    "vp": vp_continuous,
+    "flow_shift": flow_shift,
+}
+
+
+def get_sigmas(name: str, n: int, sigma_min: float, sigma_max: float, **options) -> torch.Tensor:
+    """Look up a schedule by name and build ``n`` steps between ``sigma_max`` and ``sigma_min``."""
+    if name not in SCHEDULES:
+        raise ValueError(f"unknown schedule {name!r}; known schedules: {', '.join(sorted(SCHEDULES))}")
+    if name == "vp":
+        return vp_continuous(n, **options)
+    return SCHEDULES[name](n, sigma_min, sigma_max, **options)
