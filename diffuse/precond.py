@@ -165,7 +165,7 @@ class DiscreteVPDenoiser(Precond):
             raise ValueError(f"unknown prediction type {prediction!r}; use eps, v or x0")
         log_sigmas = schedules.sigma_from_alpha_bar(schedules.alphas_cumprod(betas)).log()
         super().__init__(backbone, sigma_data=1.0, sigma_min=float(log_sigmas[0].exp()), sigma_max=float(log_sigmas[-1].exp()))
-        self.register_buffer("log_sigmas", log_sigmas.float(), persistent=False)
+        self.register_buffer("log_sigmas", log_sigmas, persistent=False)  # float64: timesteps to 1e-6
         self.prediction = prediction
         self.interpolate = interpolate
 
