@@ -1,0 +1,220 @@
+"""Typed, frozen configuration: model, noise levels, loss, training; named presets; checked overrides.
+
+A run is configured by a :class:`RunConfig` built from a named preset and ``key=value``
+overrides with dotted, checked keys (``train.lr=1e-4``, ``model.backbone_config.model_channels=64``).
+Values are parsed by the type of the field they replace. No exec, no class names in strings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from .losses import LossConfig
+from .noise_levels import NoiseLevels
+
+CONDITIONINGS = ("none", "class", "text")
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What a model is: backbone, parameterization, conditioning, image format."""
+
+    backbone: str = "unet"  # unet | dit
+    backbone_config: dict[str, Any] = field(default_factory=dict)  # checked by diffuse.nn.build_backbone
+    precond: str = "edm"  # edm | eps | x0 | v | flow
+    sigma_data: float = 0.5
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    conditioning: str = "none"  # none | class | text
+    num_classes: int = 0
+    text_encoder: str = "builtin"
+    text_config: dict[str, Any] = field(default_factory=dict)
+    channels: int = 3
+    image_size: int = 32
+
+    def __post_init__(self) -> None:
+        if self.conditioning not in CONDITIONINGS:
+            raise ValueError(f"unknown conditioning {self.conditioning!r}; use one of: {', '.join(CONDITIONINGS)}")
+        if self.conditioning == "class" and self.num_classes < 1:
+            raise ValueError("class conditioning needs model.num_classes >= 1")
+        if not 0 < self.sigma_min < self.sigma_max:
+            raise ValueError(f"need 0 < sigma_min < sigma_max, got {self.sigma_min}, {self.sigma_max}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train: data, optimizer, schedule, precision, bookkeeping."""
+
+    data: str = "shapes"  # shapes | digits | folder:PATH
+    dataset_size: int = 0  # shapes: number of distinct rendered examples (0 = dataset default)
+    batch_size: int = 32  # global batch per optimizer step (split over processes and accumulation)
+    grad_accum: int = 1
+    lr: float = 2e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at max_steps
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.99
+    warmup_steps: int = 100
+    max_steps: int = 1000
+    grad_clip: float = 1.0
+    ema_halflife_nimg: float = 20_000.0
+    ema_rampup_ratio: float = 0.05
+    precision: str = "bf16"  # fp32 | bf16 (autocast; fp16 is never used on CPU)
+    compile: bool = False
+    cond_dropout: float = 0.1
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 200
+    sample_every: int = 500
+    keep_checkpoints: int = 2
+    max_bad_steps: int = 20
+    skip_bad_files: bool = False
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; use fp32 or bf16 (fp16 is not supported: it is ~200x slower on CPU)")
+        for name in ("batch_size", "grad_accum", "max_steps", "log_every", "checkpoint_every", "sample_every", "keep_checkpoints", "max_bad_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"train.batch_size {self.batch_size} is not divisible by train.grad_accum {self.grad_accum}")
+        if not 0 <= self.cond_dropout < 1:
+            raise ValueError(f"train.cond_dropout must be in [0, 1), got {self.cond_dropout}")
+        if self.lr <= 0:
+            raise ValueError(f"train.lr must be > 0, got {self.lr}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a training run needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    noise: NoiseLevels = field(default_factory=NoiseLevels)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
+        unknown = sorted(set(data) - set(SECTIONS))
+        if unknown:
+            raise ValueError(f"unknown config section {unknown[0]!r}; valid sections: {', '.join(SECTIONS)}")
+        return cls(**{name: _build(section, data.get(name, {}), name) for name, section in SECTIONS.items()})
+
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "noise": NoiseLevels, "loss": LossConfig, "train": TrainConfig}
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown config key {prefix}.{unknown[0]}; valid keys: {', '.join(sorted(known))}")
+    return cls(**data)
+
+
+def _parse_value(text: str, current: Any, key: str) -> Any:
+    """Parse ``text`` as the type of ``current`` (the value it replaces)."""
+    try:
+        if isinstance(current, bool):
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return text.lower() in ("true", "1", "yes")
+        if isinstance(current, int):
+            return int(text)
+        if isinstance(current, float):
+            return float(text)
+        if isinstance(current, str):
+            return text
+        return json.loads(text)
+    except ValueError:
+        kind = type(current).__name__ if current is not None else "JSON"
+        raise ValueError(f"--set {key}={text}: expected a value of type {kind}") from None
+
+
+def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
+    """Apply ``section.key=value`` (or ``section.dict_field.key=value``) overrides with checked keys."""
+    data = cfg.to_dict()
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} must look like section.key=value, e.g. train.lr=1e-4")
+        path = key.strip().split(".")
+        node: Any = data
+        for depth, part in enumerate(path[:-1]):
+            if not isinstance(node, dict) or part not in node:
+                valid = ", ".join(sorted(node)) if isinstance(node, dict) else "none"
+                raise ValueError(f"unknown config key {'.'.join(path[:depth + 1])}; valid keys here: {valid}")
+            node = node[part]
+        leaf = path[-1]
+        in_free_dict = len(path) > 2  # e.g. model.backbone_config.X: checked by the backbone factory
+        if leaf not in node and not in_free_dict:
+            raise ValueError(f"unknown config key {key}; valid keys here: {', '.join(sorted(node))}")
+        node[leaf] = _parse_value(text.strip(), node.get(leaf), key)
+    return RunConfig.from_dict(data)
+
+
+# ---------------------------------------------------------------- presets
+
+def _unet(name: str, **overrides: Any) -> dict[str, Any]:
+    from .nn import backbone_preset, config_to_dict
+
+    return config_to_dict(backbone_preset("unet", name, **overrides))
+
+
+def _dit(name: str, **overrides: Any) -> dict[str, Any]:
+    from .nn import backbone_preset, config_to_dict
+
+    return config_to_dict(backbone_preset("dit", name, **overrides))
+
+
+TEXT_SMALL = {"dim": 128, "depth": 2, "num_heads": 4}
+
+
+def presets() -> dict[str, RunConfig]:
+    """Named starting points for ``diffuse train --preset NAME``."""
+    return {
+        # seconds on a CPU: a class-conditional U-Net on 16x16 digits, for tests and smoke runs
+        "tiny": RunConfig(
+            model=ModelConfig(backbone_config=_unet("tiny", in_channels=1, out_channels=1, num_classes=10),
+                              conditioning="class", num_classes=10, channels=1, image_size=16),
+            train=TrainConfig(data="digits", batch_size=16, max_steps=50, warmup_steps=10, lr=1e-3, log_every=5,
+                              checkpoint_every=25, sample_every=50, ema_halflife_nimg=500.0, precision="fp32"),
+        ),
+        # the shipped class-conditional digits model: real scikit-learn digits at 16x16
+        "digits": RunConfig(
+            model=ModelConfig(backbone_config=_unet("small", image_size=16, in_channels=1, out_channels=1, num_classes=10,
+                                                    model_channels=64, channel_mult=[1, 2], attention_resolutions=[8]),
+                              conditioning="class", num_classes=10, channels=1, image_size=16),
+            train=TrainConfig(data="digits", batch_size=64, max_steps=6000, warmup_steps=200, lr=4e-4,
+                              checkpoint_every=250, sample_every=1000, ema_halflife_nimg=50_000.0),
+        ),
+        # the shipped text-to-image model: the shapes world at 32x32 with the built-in text encoder
+        "shapes-t2i": RunConfig(
+            model=ModelConfig(backbone_config=_unet("small", text_dim=TEXT_SMALL["dim"]), conditioning="text",
+                              text_config=dict(TEXT_SMALL)),
+            train=TrainConfig(data="shapes", batch_size=64, max_steps=20_000, warmup_steps=500, lr=3e-4,
+                              checkpoint_every=250, sample_every=1000, ema_halflife_nimg=100_000.0),
+        ),
+        # a diffusion transformer on the same task (adaLN-Zero, cross-attention to text)
+        "shapes-dit": RunConfig(
+            model=ModelConfig(backbone="dit", backbone_config=_dit("small", text_dim=TEXT_SMALL["dim"]), conditioning="text",
+                              text_config=dict(TEXT_SMALL)),
+            train=TrainConfig(data="shapes", batch_size=64, max_steps=20_000, warmup_steps=500, lr=2e-4,
+                              checkpoint_every=250, sample_every=1000, ema_halflife_nimg=100_000.0),
+        ),
+    }
+
+
+def preset(name: str) -> RunConfig:
+    """Look up a preset by name, with a clear error listing the known ones."""
+    known = presets()
+    if name not in known:
+        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(known)}")
+    return known[name]

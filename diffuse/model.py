@@ -1,0 +1,111 @@
+"""A diffusion model: the preconditioned backbone (the denoiser D) plus its conditioner.
+
+``DiffusionModel`` is itself a Denoiser, ``model(x, sigma, cond) -> denoised``, and turns
+user-level conditions (prompts, class labels) into the backbone's ``cond`` dict with
+:meth:`condition`. It is rebuilt from a :class:`~diffuse.config.ModelConfig` alone, so a
+model folder (``config.json`` + ``model.safetensors``) is everything needed to load it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+from . import checkpoint
+from .config import ModelConfig
+from .nn import build_backbone
+from .precond import make_precond
+from .text import build_text_encoder
+
+
+class DiffusionModel(nn.Module):
+    """Denoiser D(x, sigma, cond) with its text encoder (if any) and null condition."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        backbone = build_backbone(cfg.backbone, cfg.backbone_config)
+        self.denoiser = make_precond(cfg.precond, backbone, sigma_data=cfg.sigma_data, sigma_min=cfg.sigma_min,
+                                     sigma_max=cfg.sigma_max)
+        self.text_encoder = build_text_encoder(cfg.text_encoder, cfg.text_config) if cfg.conditioning == "text" else None
+
+    @property
+    def sigma_min(self) -> float:
+        return self.cfg.sigma_min
+
+    @property
+    def sigma_max(self) -> float:
+        return self.cfg.sigma_max
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        return self.denoiser(x, sigma, cond)
+
+    # ------------------------------------------------------------ conditions
+
+    def condition(self, *, prompts: Optional[Sequence[str]] = None, labels: Optional[Sequence[int] | torch.Tensor] = None
+                  ) -> Optional[dict[str, torch.Tensor]]:
+        """The backbone's cond dict for prompts (text models) or class labels (class models).
+
+        An empty prompt "" and the label ``num_classes`` are the null condition used for
+        classifier-free guidance.
+        """
+        kind = self.cfg.conditioning
+        device = next(self.parameters()).device
+        if kind == "none":
+            if prompts is not None or labels is not None:
+                raise ValueError("this model is unconditional; it takes no prompt and no class label")
+            return None
+        if kind == "class":
+            if prompts is not None and any(p for p in prompts):
+                raise ValueError("this model is class-conditional; give a class label (--class N) instead of a prompt")
+            if labels is None:
+                raise ValueError(f"this model is class-conditional; give a class label in 0..{self.cfg.num_classes - 1}")
+            labels = torch.as_tensor(labels, dtype=torch.long, device=device).reshape(-1)
+            bad = labels[(labels < 0) | (labels > self.cfg.num_classes)]
+            if bad.numel():
+                raise ValueError(f"class label {int(bad[0])} is out of range; this model knows classes 0..{self.cfg.num_classes - 1}")
+            return {"class_labels": labels}
+        if labels is not None:
+            raise ValueError("this model is text-conditional; give a prompt instead of a class label")
+        if prompts is None:
+            raise ValueError("this model is text-conditional; give a prompt")
+        assert self.text_encoder is not None
+        return self.text_encoder.encode(list(prompts))
+
+    def null_condition(self, batch: int) -> Optional[dict[str, torch.Tensor]]:
+        """The unconditional condition for ``batch`` images (empty prompt / null class)."""
+        if self.cfg.conditioning == "class":
+            return self.condition(labels=[self.cfg.num_classes] * batch)
+        if self.cfg.conditioning == "text":
+            return self.condition(prompts=[""] * batch)
+        return None
+
+    # ------------------------------------------------------------ files
+
+    def save(self, out: Path, *, weights: Optional[dict[str, torch.Tensor]] = None, extra: Optional[dict[str, Any]] = None,
+             overwrite: bool = False, dtype: Optional[torch.dtype] = None) -> Path:
+        """Write a model folder (``weights`` defaults to this module's state)."""
+        config = {"model": dataclasses.asdict(self.cfg), **(extra or {})}
+        return checkpoint.save_model_dir(Path(out), config, weights if weights is not None else self.state_dict(),
+                                         overwrite=overwrite, dtype=dtype)
+
+    @classmethod
+    def load(cls, path: Path) -> tuple["DiffusionModel", dict[str, Any]]:
+        """Rebuild a model from its folder; returns the model (eval mode, float32) and its full config dict."""
+        config, weights = checkpoint.load_model_dir(Path(path))
+        try:
+            cfg = ModelConfig(**config["model"])
+        except (KeyError, TypeError) as e:
+            raise checkpoint.CheckpointError(f"{path}/config.json does not describe a diffuse model ({e})") from None
+        model = cls(cfg)
+        weights = {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        if missing or unexpected:
+            raise checkpoint.CheckpointError(
+                f"{path}/model.safetensors does not match its config: {len(missing)} missing and "
+                f"{len(unexpected)} unexpected tensors (e.g. {(missing or unexpected)[0]!r})")
+        return model.eval(), config

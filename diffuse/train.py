@@ -1,0 +1,351 @@
+"""``train(cfg, run_dir)``: the training loop as a library function (no argument parsing here).
+
+What it guarantees:
+
+* **Exact resume.** The data order is a pure function of (seed, step); noise levels,
+  noise and condition dropout come from one trainer-owned generator whose state is saved
+  with model, EMA, optimizer and the global torch RNG. On CPU, N steps + crash + resume
+  + M steps gives bitwise the same weights as N + M steps in one go.
+* **Never loses work.** Checkpoints are written atomically (see :mod:`diffuse.checkpoint`);
+  a non-finite loss or gradient skips the step, and too many in a row stop training with
+  the last good checkpoint intact.
+* **Many processes.** Under ``torchrun`` each rank takes its slice of every global batch
+  (gloo on CPU, nccl on GPU, DistributedDataParallel), draws the same global noise and
+  keeps its slice, so K processes compute what one process computes with the same global
+  batch. Rank 0 alone writes files.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from . import checkpoint
+from .config import RunConfig
+from .data import make_dataset
+from .ema import EMA
+from .losses import bucket_edges, bucket_losses, denoising_loss, training_noise
+from .model import DiffusionModel
+from .plot import image_grid, line_chart, to_uint8
+from .text import WordTokenizer
+
+RUN_CONFIG = "config.json"
+METRICS = "metrics.csv"
+STEMS = ("model", "ema", "optimizer", "rng")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite steps in a row, bad run folder, bad resume)."""
+
+
+@dataclass
+class TrainResult:
+    step: int
+    run_dir: Path
+    last_loss: float
+    bad_steps: int
+
+
+# ---------------------------------------------------------------- schedule and data order
+
+def learning_rate(step: int, cfg: RunConfig) -> float:
+    """Linear warmup to lr over warmup_steps, then cosine decay to lr * min_lr_ratio at max_steps."""
+    t = cfg.train
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
+    return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def batch_indices(step: int, micro: int, cfg: RunConfig, n: int) -> list[int]:
+    """Dataset indices of one global micro-batch: epochs are seeded permutations of range(n)."""
+    micro_batch = cfg.train.batch_size // cfg.train.grad_accum
+    start = (step * cfg.train.grad_accum + micro) * micro_batch
+    out: list[int] = []
+    while len(out) < micro_batch:
+        epoch, offset = divmod(start + len(out), n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + epoch))
+        out.extend(perm[offset:offset + micro_batch - len(out)].tolist())
+    return out
+
+
+# ---------------------------------------------------------------- distributed
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device) -> Dist:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size())
+
+
+def all_mean(value: torch.Tensor, d: Dist) -> torch.Tensor:
+    if d.world > 1:
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= d.world
+    return value
+
+
+# ---------------------------------------------------------------- one training step
+
+class TrainStep(nn.Module):
+    """Conditioning + noising + loss for a micro-batch slice; wrapped by DDP under torchrun."""
+
+    def __init__(self, model: DiffusionModel, cfg: RunConfig):
+        super().__init__()
+        self.model = model
+        self.cfg = cfg
+
+    def forward(self, x0: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor, conditions: dict[str, Any]) -> torch.Tensor:
+        cond = self.model.condition(**conditions)
+        return denoising_loss(self.cfg.loss, self.model.denoiser, x0, sigma, noise, cond)
+
+
+def drop_conditions(batch: list[dict[str, Any]], cfg: RunConfig, drop: torch.Tensor) -> dict[str, Any]:
+    """User-level conditions of a batch with dropout applied (empty prompt / null class)."""
+    kind = cfg.model.conditioning
+    if kind == "text":
+        return {"prompts": ["" if d else item["caption"] for item, d in zip(batch, drop.tolist())]}
+    if kind == "class":
+        return {"labels": [cfg.model.num_classes if d else int(item["label"]) for item, d in zip(batch, drop.tolist())]}
+    return {}
+
+
+# ---------------------------------------------------------------- the loop
+
+def prepare_config(cfg: RunConfig, dataset: Any) -> RunConfig:
+    """Fill in what a fresh run learns from its data (the text vocabulary) and check the match."""
+    m = cfg.model
+    if dataset.channels != m.channels:
+        raise TrainingError(f"dataset has {dataset.channels} channels but model.channels is {m.channels}; set model.channels={dataset.channels}")
+    if m.conditioning == "class" and dataset.num_classes != m.num_classes:
+        raise TrainingError(f"dataset has {dataset.num_classes} classes but model.num_classes is {m.num_classes}")
+    if m.conditioning == "text" and not dataset.has_captions:
+        raise TrainingError(f"a text-conditional model needs captions, and dataset {cfg.train.data!r} has none")
+    if m.conditioning == "text" and m.text_encoder == "builtin" and "tokenizer" not in m.text_config:
+        tokenizer = WordTokenizer.from_captions(dataset.captions()).to_dict()
+        m = dataclasses.replace(m, text_config={**m.text_config, "tokenizer": tokenizer})
+    return dataclasses.replace(cfg, model=m)
+
+
+def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False, device: Optional[str] = None, progress: bool = True,
+          log: Callable[[str], None] = print) -> TrainResult:
+    """Train (or resume) a run in ``run_dir``; returns the final step and last loss."""
+    run_dir = Path(run_dir)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    d = init_distributed(dev)
+    if dev.type == "cuda" and d.world > 1:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+    # ---- run folder and config
+    found = checkpoint.list_checkpoints(run_dir)
+    if resume:
+        if not found:
+            raise checkpoint.CheckpointError(f"--resume: {run_dir}/checkpoints holds no complete checkpoint; start without --resume")
+        saved = RunConfig.from_dict(checkpoint.read_json(run_dir / RUN_CONFIG))
+        cfg = dataclasses.replace(saved, train=dataclasses.replace(saved.train, max_steps=cfg.train.max_steps))
+    elif found:
+        raise TrainingError(f"{run_dir} already holds checkpoints; pass --resume to continue it, or choose a new --out")
+
+    t = cfg.train
+    dataset = make_dataset(t.data, cfg.model.image_size, skip_bad_files=t.skip_bad_files, size_hint=t.dataset_size)
+    if not resume:
+        cfg = prepare_config(cfg, dataset)
+    micro_batch = t.batch_size // t.grad_accum
+    if micro_batch % d.world:
+        raise TrainingError(f"the micro-batch {micro_batch} (batch_size / grad_accum) must divide among {d.world} processes")
+    local = micro_batch // d.world
+    if d.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.atomic_write_json(run_dir / RUN_CONFIG, cfg.to_dict())
+
+    # ---- model, optimizer, EMA, RNG
+    torch.manual_seed(t.seed)
+    model = DiffusionModel(cfg.model).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay)
+    ema = EMA(model, t.ema_halflife_nimg, t.ema_rampup_ratio)
+    gen = torch.Generator().manual_seed(t.seed + 1)
+    step, nimg, bad_total, bad_run = 0, 0, 0, 0
+    if resume:
+        path = found[-1]
+        tensors, state = checkpoint.load_checkpoint(path, STEMS)
+        model.load_state_dict(tensors["model"])
+        ema.load_state_dict(tensors["ema"])
+        opt.load_state_dict(checkpoint.unflatten_optimizer(tensors["optimizer"], state["optimizer"]))
+        torch.set_rng_state(tensors["rng"]["torch"])
+        gen.set_state(tensors["rng"]["train_generator"])
+        step, nimg, bad_total = state["step"], state["nimg"], state["bad_steps"]
+        log(f"resumed {run_dir} at step {step} from {path.name}")
+
+    stepper: nn.Module = TrainStep(model, cfg)
+    if t.compile:
+        model.denoiser.backbone.compile()
+    if d.world > 1:
+        stepper = nn.parallel.DistributedDataParallel(stepper, device_ids=[dev.index] if dev.type == "cuda" else None)
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if t.precision == "bf16" else nullcontext()
+    edges = bucket_edges(cfg.model.sigma_min, cfg.model.sigma_max)
+    metrics = MetricsLog(run_dir / METRICS, [f"loss_s{edges[i]:.3g}-{edges[i + 1]:.3g}" for i in range(len(edges) - 1)], step) if d.main else None
+
+    def save() -> None:
+        if d.main:
+            opt_tensors, opt_rest = checkpoint.flatten_optimizer(opt.state_dict())
+            checkpoint.save_checkpoint(run_dir, step, {
+                "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt_tensors,
+                "rng": {"torch": torch.get_rng_state(), "train_generator": gen.get_state()},
+            }, {"step": step, "nimg": nimg, "bad_steps": bad_total, "optimizer": opt_rest}, keep=t.keep_checkpoints)
+
+    bar = tqdm(total=t.max_steps, initial=step, disable=not (progress and d.main), desc="train", unit="step")
+    last_loss, window_t, window_img = float("nan"), time.perf_counter(), 0
+    model.train()
+    while step < t.max_steps:
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(step, cfg)
+        loss_sum, buckets = torch.zeros((), dtype=torch.float64), {}
+        for micro in range(t.grad_accum):
+            # the whole global micro-batch's randomness is drawn on every rank; each keeps its slice
+            idx = batch_indices(step, micro, cfg, len(dataset))
+            sigma = cfg.noise.sample(micro_batch, gen)
+            drop = torch.rand(micro_batch, generator=gen) < t.cond_dropout
+            mine = slice(d.rank * local, (d.rank + 1) * local)
+            items = [dataset[i] for i in idx[mine]]
+            x0 = torch.stack([it["image"] for it in items]).to(dev)
+            noise = training_noise((micro_batch, *x0.shape[1:]), cfg.loss.offset_noise, gen)[mine].to(dev)
+            sync = d.world == 1 or micro == t.grad_accum - 1
+            with (nullcontext() if sync else stepper.no_sync()), autocast:
+                per_example = stepper(x0, sigma[mine].to(dev), noise, drop_conditions(items, cfg, drop[mine]))
+            (per_example.mean() / t.grad_accum).backward()
+            loss_sum += per_example.detach().double().sum().cpu()
+            for k, (s, c) in bucket_losses(sigma[mine], per_example, edges).items():
+                buckets[k] = (buckets.get(k, (0.0, 0))[0] + s, buckets.get(k, (0.0, 0))[1] + c)
+        loss = float(all_mean(loss_sum, d)) / local / t.grad_accum
+        grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf")))
+        step += 1
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            opt.step()
+            bad_run = 0
+            nimg += t.batch_size
+            ema.update(model, t.batch_size, nimg)
+            last_loss = loss
+        else:  # skip the update; the batch is consumed so a bad batch is not retried forever
+            bad_total, bad_run = bad_total + 1, bad_run + 1
+            if bad_run > t.max_bad_steps:
+                bar.close()
+                raise TrainingError(f"{bad_run} non-finite steps in a row at step {step} (loss {loss}, grad norm {grad_norm}); "
+                                    f"stopped with the last good checkpoint intact; lower train.lr or use train.precision=fp32")
+        opt.zero_grad(set_to_none=True)
+        window_img += t.batch_size
+        bar.update(1)
+        if metrics is not None and (step % t.log_every == 0 or step == t.max_steps):
+            elapsed = time.perf_counter() - window_t
+            img_s = window_img / max(elapsed, 1e-9)
+            window_t, window_img = time.perf_counter(), 0
+            bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{img_s:.1f}")
+            metrics.write({"step": step, "nimg": nimg, "loss": loss, "lr": learning_rate(step - 1, cfg), "grad_norm": grad_norm,
+                           "img_per_s": img_s, "bad_steps": bad_total,
+                           **{k: s / c for k, (s, c) in buckets.items()}})
+        if step % t.checkpoint_every == 0 or step == t.max_steps:
+            save()
+        if d.main and (step % t.sample_every == 0 or step == t.max_steps):
+            write_previews(run_dir, step, cfg, ema, dataset)
+            metrics.plot(run_dir / "loss.png")
+    bar.close()
+    if d.world > 1:
+        dist.barrier()
+    return TrainResult(step, run_dir, last_loss, bad_total)
+
+
+# ---------------------------------------------------------------- run-folder outputs
+
+class MetricsLog:
+    """Append-only metrics CSV; on resume, rows past the resumed step are dropped first."""
+
+    def __init__(self, path: Path, bucket_columns: list[str], resume_step: int):
+        self.path = path
+        self.columns = ["step", "nimg", "loss", "lr", "grad_norm", "img_per_s", "bad_steps", *bucket_columns]
+        rows = self.read() if path.exists() else []
+        rows = [r for r in rows if int(r["step"]) <= resume_step]
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, self.columns)
+            w.writeheader()
+            w.writerows(rows)
+
+    def read(self) -> list[dict[str, str]]:
+        with open(self.path, newline="") as f:
+            return list(csv.DictReader(f))
+
+    def write(self, row: dict[str, float]) -> None:
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, self.columns).writerow({k: row.get(k, "") for k in self.columns})
+
+    def plot(self, out: Path) -> None:
+        rows = self.read()
+        series = {"loss": [(float(r["step"]), float(r["loss"])) for r in rows]}
+        for col in self.columns[7:]:
+            series[col.removeprefix("loss_")] = [(float(r["step"]), float(r[col])) for r in rows if r[col]]
+        line_chart(series, out, title="training loss (total and per sigma bucket)")
+
+
+PREVIEW_SEEDS = list(range(16))
+
+
+def preview_conditions(cfg: RunConfig, dataset: Any) -> dict[str, Any]:
+    """Fixed conditions for the preview grid: the first dataset captions or classes 0.. in turn."""
+    if cfg.model.conditioning == "text":
+        return {"prompts": [dataset[i]["caption"] for i in PREVIEW_SEEDS]}
+    if cfg.model.conditioning == "class":
+        return {"labels": [i % cfg.model.num_classes for i in PREVIEW_SEEDS]}
+    return {}
+
+
+def write_previews(run_dir: Path, step: int, cfg: RunConfig, ema: EMA, dataset: Any) -> Path:
+    """Sample a grid from the EMA weights at fixed seeds and save ``samples/step-XXXXXXXX.png``."""
+    from .pipeline import SampleSettings, generate
+
+    model = DiffusionModel(cfg.model)
+    model.load_state_dict(ema.state_dict())
+    model.eval()
+    guided = cfg.model.conditioning != "none"
+    images = generate(model, SampleSettings(sampler="dpmpp_2m", steps=20, cfg=2.0 if guided else 1.0), PREVIEW_SEEDS,
+                      **preview_conditions(cfg, dataset))
+    out = run_dir / "samples" / f"{checkpoint.checkpoint_name(step)}.png"
+    out.parent.mkdir(exist_ok=True)
+    image_grid(to_uint8(images), columns=8, scale=max(1, 128 // cfg.model.image_size)).save(out)
+    return out
+
+
+def export_run(run_dir: Path, out: Path, *, overwrite: bool = False, dtype: str = "float32") -> Path:
+    """Write a model folder from a run's newest checkpoint, using its EMA weights."""
+    run_dir = Path(run_dir)
+    found = checkpoint.list_checkpoints(run_dir)
+    if not found:
+        raise checkpoint.CheckpointError(f"{run_dir} holds no complete checkpoint to export (looked in {run_dir}/checkpoints)")
+    cfg = RunConfig.from_dict(checkpoint.read_json(run_dir / RUN_CONFIG))
+    tensors, state = checkpoint.load_checkpoint(found[-1], ("ema",))
+    model = DiffusionModel(cfg.model)
+    extra = {"training": {"run": run_dir.name, "step": state["step"], "nimg": state["nimg"], "preset_config": cfg.to_dict()}}
+    return model.save(Path(out), weights=tensors["ema"], extra=extra, overwrite=overwrite, dtype=getattr(torch, dtype))

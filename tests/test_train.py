@@ -1,0 +1,160 @@
+"""The trainer: loss falls, exact resume (also after kill -9), never loses work, torchrun parity."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffuse import checkpoint, losses
+from diffuse.config import apply_overrides, preset
+from diffuse.train import TrainingError, export_run, learning_rate, train
+
+FAST = ["train.log_every=1", "train.sample_every=1000", "train.checkpoint_every=5"]
+
+
+def tiny(steps: int, *extra: str):
+    return apply_overrides(preset("tiny"), [*FAST, f"train.max_steps={steps}", *extra])
+
+
+def final_tensors(run: Path) -> dict[str, dict[str, torch.Tensor]]:
+    tensors, state = checkpoint.load_checkpoint(checkpoint.list_checkpoints(run)[-1], ("model", "ema", "optimizer"))
+    return tensors
+
+
+def assert_bitwise_equal(a: dict, b: dict) -> None:
+    for stem in a:
+        assert a[stem].keys() == b[stem].keys()
+        for k in a[stem]:
+            assert torch.equal(a[stem][k], b[stem][k]), f"{stem}/{k} differs"
+
+
+def test_tiny_training_loss_falls(tmp_path):
+    result = train(tiny(50), tmp_path / "run", progress=False, log=lambda s: None)
+    rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()[1:]
+    loss = [float(r.split(",")[2]) for r in rows]
+    assert result.step == 50 and len(loss) == 50
+    assert sum(loss[-10:]) / 10 < 0.7 * sum(loss[:10]) / 10
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 0
+    assert (tmp_path / "run" / "samples" / "step-00000050.png").exists()
+
+
+def test_learning_rate_warmup_then_cosine():
+    cfg = tiny(110, "train.warmup_steps=10", "train.lr=1.0", "train.min_lr_ratio=0.0")
+    assert learning_rate(0, cfg) == pytest.approx(0.1)
+    assert learning_rate(9, cfg) == pytest.approx(1.0)
+    assert learning_rate(60, cfg) == pytest.approx(0.5)
+    assert learning_rate(110, cfg) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_resume_after_crash_during_checkpoint_write_is_bitwise_exact(tmp_path, monkeypatch):
+    train(tiny(20), tmp_path / "straight", progress=False, log=lambda s: None)
+
+    # crash while the step-15 checkpoint is being written: model file written, the rest not
+    real = checkpoint.write_tensors
+    calls = {"n": 0}
+
+    def crashing(path, tensors, metadata=None):
+        if "step-00000015" in str(path) and path.name == "ema.safetensors":
+            raise KeyboardInterrupt("simulated crash")
+        calls["n"] += 1
+        return real(path, tensors, metadata)
+
+    monkeypatch.setattr(checkpoint, "write_tensors", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(20), tmp_path / "crashed", progress=False, log=lambda s: None)
+    monkeypatch.setattr(checkpoint, "write_tensors", real)
+    names = [p.name for p in checkpoint.list_checkpoints(tmp_path / "crashed")]
+    assert names == ["step-00000005", "step-00000010"]  # the half-written one is not a checkpoint
+    assert (tmp_path / "crashed" / "checkpoints" / ("step-00000015" + checkpoint.TMP_SUFFIX)).exists()
+
+    train(tiny(20), tmp_path / "crashed", resume=True, progress=False, log=lambda s: None)
+    assert_bitwise_equal(final_tensors(tmp_path / "straight"), final_tensors(tmp_path / "crashed"))
+    steps = [int(r.split(",")[0]) for r in (tmp_path / "crashed" / "metrics.csv").read_text().splitlines()[1:]]
+    assert steps == list(range(1, 21))  # rows past the resumed step were replaced, none duplicated
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "diffuse", *args]
+
+
+def test_kill_9_then_resume_matches_uninterrupted(tmp_path):
+    steps = 60
+    sets = [f"--set={s}" for s in ["train.checkpoint_every=3", "train.sample_every=1000", "train.log_every=1"]]
+    train(tiny(steps, "train.checkpoint_every=3"), tmp_path / "straight", progress=False, log=lambda s: None)
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(_cli("train", "--preset", "tiny", "--out", str(run), "--max-steps", str(steps), *sets),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(checkpoint.list_checkpoints(run)) < 2 and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = checkpoint.list_checkpoints(run)
+    assert done, "the run was killed before its first checkpoint"
+    assert int(done[-1].name.split("-")[1]) < steps, "the run finished before it could be killed"
+    out = subprocess.run(_cli("train", "--out", str(run), "--resume", "--max-steps", str(steps)), capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert_bitwise_equal(final_tensors(tmp_path / "straight"), final_tensors(run))
+
+
+def test_resume_without_checkpoint_and_with_corrupt_checkpoint_are_clear_errors(tmp_path):
+    out = subprocess.run(_cli("train", "--out", str(tmp_path / "none"), "--resume"), capture_output=True, text=True)
+    assert out.returncode == 2 and "holds no complete checkpoint" in out.stderr and "Traceback" not in out.stderr
+    train(tiny(5), tmp_path / "run", progress=False, log=lambda s: None)
+    latest = checkpoint.list_checkpoints(tmp_path / "run")[-1] / "model.safetensors"
+    latest.write_bytes(latest.read_bytes()[:100])
+    out = subprocess.run(_cli("train", "--out", str(tmp_path / "run"), "--resume", "--max-steps", "8"), capture_output=True, text=True)
+    assert out.returncode == 2 and "model.safetensors is not a readable safetensors file" in out.stderr
+    out = subprocess.run(_cli("train", "--preset", "tiny", "--out", str(tmp_path / "run")), capture_output=True, text=True)
+    assert out.returncode == 2 and "already holds checkpoints; pass --resume" in out.stderr
+
+
+def test_non_finite_steps_are_skipped_then_stop_training_with_checkpoint_intact(tmp_path, monkeypatch):
+    real = losses.denoising_loss
+    state = {"calls": 0}
+
+    def flaky(*args, **kwargs):
+        state["calls"] += 1
+        out = real(*args, **kwargs)
+        return out * float("nan") if state["calls"] in (3, 4) or state["calls"] > 12 else out
+
+    monkeypatch.setattr("diffuse.train.denoising_loss", flaky)
+    with pytest.raises(TrainingError, match="non-finite steps in a row"):
+        train(tiny(40, "train.max_bad_steps=3"), tmp_path / "run", progress=False, log=lambda s: None)
+    rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()[1:]
+    assert int(rows[4].split(",")[6]) == 2  # two skipped steps counted by step 5
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path / "run")] == ["step-00000010", "step-00000015"]
+
+
+def test_export_writes_a_loadable_model_folder(tmp_path):
+    from diffuse.model import DiffusionModel
+
+    train(tiny(5), tmp_path / "run", progress=False, log=lambda s: None)
+    out = export_run(tmp_path / "run", tmp_path / "model")
+    model, config = DiffusionModel.load(out)
+    ema = final_tensors(tmp_path / "run")["ema"]
+    assert all(torch.equal(model.state_dict()[k], ema[k]) for k in ema)
+    assert config["training"]["step"] == 5
+    with pytest.raises(checkpoint.CheckpointError, match="already exists"):
+        export_run(tmp_path / "run", tmp_path / "model")
+
+
+@pytest.mark.timeout(300)
+def test_torchrun_two_processes_match_one_process(tmp_path):
+    steps, sets = 4, ["--set=train.sample_every=1000", "--set=train.checkpoint_every=4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run(_cli("train", "--preset", "tiny", "--out", str(tmp_path / "one"), "--max-steps", str(steps), *sets),
+                         capture_output=True, text=True, env=env)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "diffuse",
+                          "train", "--preset", "tiny", "--out", str(tmp_path / "two"), "--max-steps", str(steps), *sets],
+                         capture_output=True, text=True, env=env)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = final_tensors(tmp_path / "one")["model"], final_tensors(tmp_path / "two")["model"]
+    differ = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert differ < 1e-5
