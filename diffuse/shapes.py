@@ -138,7 +138,8 @@ def render(scene: Scene, size: int = 32) -> np.ndarray:
             draw.ellipse([x - half, y - half, x + half - 1, y + half - 1], fill=fill)
         elif obj.shape == "square":
             draw.rectangle([round(x - half), round(y - half), round(x + half) - 1, round(y + half) - 1], fill=fill)
-        else:
+        else:  # PIL fills the pixels whose index lies inside; pixel i has its center at i + 0.5
+            x, y = x - 0.5, y - 0.5
             draw.polygon([(x, y - half), (x + half, y + half), (x - half, y + half)], fill=fill)
     return np.array(canvas.reduce(SUPERSAMPLE))  # box downsample -> [size, size, 3]
 
