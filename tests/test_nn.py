@@ -324,3 +324,19 @@ def test_dataclass_replace_keeps_tuples():
     cfg = dataclasses.replace(UNET_PRESETS["tiny"], channel_mult=[1, 2], attention_resolutions=[8])
     assert cfg.channel_mult == (1, 2) and cfg.attention_resolutions == (8,)
     assert hash(cfg) == hash(UNET_PRESETS["tiny"])
+
+
+@pytest.mark.parametrize("kind", ["unet", "dit"])
+def test_input_dtype_follows_the_network(kind):
+    model = perturb(tiny(kind, text_dim=TEXT_DIM)).eval()
+    x, c_noise = inputs()
+    cond = full_cond(text=True)
+    with torch.no_grad():
+        ref = model(x, c_noise, cond)
+        # a float64 preconditioner feeds float64; the float32 network computes in float32
+        out64 = model(x.double(), c_noise.double(), {k: v.double() if v.is_floating_point() else v for k, v in cond.items()})
+        assert out64.dtype == torch.float32 and torch.equal(out64, ref)
+        # a bf16 network takes float32 inputs
+        out_bf16 = model.to(torch.bfloat16)(x, c_noise, cond)
+    assert out_bf16.dtype == torch.bfloat16
+    assert (out_bf16.float() - ref).abs().mean() < 0.05 * ref.abs().mean()

@@ -186,24 +186,28 @@ class DiT(nn.Module):
         c = parse_cond(cond, x_in, num_classes=cfg.num_classes, text_dim=cfg.text_dim, concat_channels=cfg.concat_channels)
         c_noise = check_c_noise(c_noise, x_in)
 
+        # inputs in the network's own dtype (float64 from a preconditioner, or a bf16 model)
+        dtype = self.x_embedder.proj.weight.dtype
+        text = None if c.text is None else c.text.to(dtype)
+
         # conditioning vector
-        cvec = self.t_embedder(self.t_proj(c_noise))  # [B, D]
+        cvec = self.t_embedder(self.t_proj(c_noise).to(dtype))  # [B, D]
         if self.y_embedder is not None:
             cvec = cvec + self.y_embedder(c.class_labels)  # [B, D]
 
         # tokens
         x = x_in if c.concat is None else torch.cat([x_in, c.concat.to(x_in.dtype)], dim=1)  # [B, C_in + Cc, S, S]
-        h = self.x_embedder(x) + self.pos_embed.to(x.dtype)  # [B, N, D]
+        h = self.x_embedder(x.to(dtype)) + self.pos_embed.to(dtype)  # [B, N, D]
         N = h.shape[1]
         self_mask = context = context_mask = None
-        if c.text is not None and self.text_embedder is not None:
-            tokens = self.text_embedder(c.text)  # [B, L, D]
+        if text is not None and self.text_embedder is not None:
+            tokens = self.text_embedder(text)  # [B, L, D]
             h = torch.cat([h, tokens.to(h.dtype)], dim=1)  # [B, N + L, D]
             if c.text_mask is not None:
                 image_mask = torch.ones(h.shape[0], N, dtype=torch.bool, device=h.device)
                 self_mask = torch.cat([image_mask, c.text_mask], dim=1)  # [B, N + L]
-        elif c.text is not None:
-            context, context_mask = c.text, c.text_mask
+        elif text is not None:
+            context, context_mask = text, c.text_mask
 
         for block in self.blocks:
             h = block(h, cvec, self_mask, context, context_mask)  # [B, N (+ L), D]

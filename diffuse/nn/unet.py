@@ -288,23 +288,27 @@ class UNet(nn.Module):
                        concat_channels=cfg.concat_channels)
         c_noise = check_c_noise(c_noise, x_in)
 
+        # inputs in the network's own dtype (float64 from a preconditioner, or a bf16 model)
+        dtype = self.conv_in.weight.dtype
+        text = None if c.text is None else c.text.to(dtype)
+
         # embedding of noise level (+ class)
-        emb = self.time_embedding(self.time_proj(c_noise))  # [B, 4*ch0]
+        emb = self.time_embedding(self.time_proj(c_noise).to(dtype))  # [B, 4*ch0]
         if self.class_embedding is not None:
             emb = emb + self.class_embedding(c.class_labels)  # [B, 4*ch0]
 
         # encoder
         x = x_in if c.concat is None else torch.cat([x_in, c.concat.to(x_in.dtype)], dim=1)  # [B, C_in + Cc, H, W]
-        h = self.conv_in(x)  # [B, ch0, H, W]
+        h = self.conv_in(x.to(dtype))  # [B, ch0, H, W]
         skips = [h]
         for block in self.down_blocks:
-            h, s = block(h, emb, c.text, c.text_mask)  # [B, C_level, H / 2^level, ...]
+            h, s = block(h, emb, text, c.text_mask)  # [B, C_level, H / 2^level, ...]
             skips.extend(s)
 
         # middle and decoder
-        h = self.mid_block(h, emb, c.text, c.text_mask)
+        h = self.mid_block(h, emb, text, c.text_mask)
         for block in self.up_blocks:
-            h = block(h, skips, emb, c.text, c.text_mask)  # [B, C_level, ...] upsampled
+            h = block(h, skips, emb, text, c.text_mask)  # [B, C_level, ...] upsampled
         h = self.conv_out(self.conv_act(self.conv_norm_out(h)))  # [B, C_out, H, W]
         return h
 
