@@ -181,8 +181,9 @@ def detect(image: np.ndarray) -> list[Detection]:
         votes = np.bincount(color_idx[comp], weights=alpha_best[comp], minlength=len(COLORS))
         c = int(votes.argmax())
         # Soft alpha of the component's color on the component grown by one pixel (not into others).
-        r0, c0 = [max(0, int(v.min()) - 2) for v in np.nonzero(comp)]
-        r1, c1 = [int(v.max()) + 3 for v in np.nonzero(comp)]
+        rows, cols = np.nonzero(comp)
+        r0, c0 = max(0, int(rows.min()) - 2), max(0, int(cols.min()) - 2)
+        r1, c1 = int(rows.max()) + 3, int(cols.max()) + 3
         patch = comp[r0:r1, c0:c1]
         grown = np.pad(patch, 1)
         grown = np.stack([grown[dy:dy + patch.shape[0], dx:dx + patch.shape[1]]
@@ -198,7 +199,7 @@ def detect(image: np.ndarray) -> list[Detection]:
             color=COLORS[c] if votes[c] >= MIN_PURITY * votes.sum() else None,
             size="large" if extent > SIZE_THRESHOLD else "small",
             cell=3 * min(2, int(3 * cy / h)) + min(2, int(3 * cx / w)),
-            cx=cx / w, cy=cy / h, extent=extent, area=float(alpha.sum()) / (h * w), fit=iou,
+            cx=float(cx) / w, cy=float(cy) / h, extent=extent, area=float(alpha.sum()) / (h * w), fit=iou,
         ))
     return out
 
