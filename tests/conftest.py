@@ -3,11 +3,12 @@ their probability-flow ODE reference solutions."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import sys
 import types
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import pytest
 import torch
@@ -61,3 +62,40 @@ def ode_start(mixture2: GaussianMixture) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, mixture2.dim, generator=g, dtype=torch.float64) * SIGMA_MAX
     return x, ode_reference(mixture2, x, SIGMA_MAX)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run a block with n intra-op threads. For the small tensors of the mixture tests one
+    thread is fastest, and on a shared 2-core machine the default pool (whose workers
+    spin while other processes hold the cores) made them 15-50x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def ode_to_sigma_min(mixture2: GaussianMixture) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x at SIGMA_MAX [256, 2] float64, target [256, 2]) where the target is the exact
+    probability-flow ODE solution down to SIGMA_MIN followed by the jump D(x, SIGMA_MIN)
+    that every solver's last step on a schedule ending (..., SIGMA_MIN, 0) takes. A solver's
+    distance to it is its discretization error on [SIGMA_MIN, SIGMA_MAX] alone (RK4 with
+    1000 steps in log sigma: reference error about 1e-9)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(256, mixture2.dim, generator=g, dtype=torch.float64) * SIGMA_MAX
+    with torch_threads(1):
+        return x, ode_reference(mixture2, x, SIGMA_MAX, steps=1000, sigma_end=SIGMA_MIN)
+
+
+@pytest.fixture(scope="session")
+def separated_mixture1() -> GaussianMixture:
+    """A 1-D mixture with components at least 6 standard deviations apart, so the
+    component of a sample is unambiguous (for distribution tests of stochastic samplers)."""
+    return GaussianMixture(
+        weights=torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64),
+        means=torch.tensor([[-4.0], [0.0], [3.0]], dtype=torch.float64),
+        stds=torch.tensor([0.5, 0.3, 0.4], dtype=torch.float64),
+    )
