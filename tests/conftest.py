@@ -61,7 +61,7 @@ def ode_start(mixture2: GaussianMixture) -> tuple[torch.Tensor, torch.Tensor]:
     """(x at SIGMA_MAX [64, 2] float64, its probability-flow ODE solution at sigma = 0)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, mixture2.dim, generator=g, dtype=torch.float64) * SIGMA_MAX
-    return x, ode_reference(mixture2, x, SIGMA_MAX)
+    return x, ode_reference(mixture2, x, SIGMA_MAX, steps=1000)
 
 
 @contextlib.contextmanager
