@@ -7,6 +7,7 @@ Errors a user can fix (bad arguments, missing files, bad checkpoints) print one 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -32,26 +33,13 @@ def _subparser(subs: argparse._SubParsersAction, name: str, help_text: str) -> a
 # ---------------------------------------------------------------- commands
 
 def cmd_train(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    from .config import RunConfig, apply_overrides, preset
+    from .config import apply_overrides, preset
     from .train import train
 
-    if args.resume:
-        if args.preset or args.set:
-            raise ValueError("--resume continues a run with its saved config; drop --preset and --set (only --max-steps may change)")
-        cfg = RunConfig()
-    else:
-        cfg = apply_overrides(preset(args.preset or "tiny"), args.set or [])
-    if args.max_steps is not None:
-        if args.max_steps < 1:
-            raise ValueError(f"--max-steps must be >= 1, got {args.max_steps}")
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=args.max_steps))
-    elif args.resume:
-        from .checkpoint import read_json
-
-        cfg = RunConfig.from_dict(read_json(Path(args.out) / "config.json"))
-    result = train(cfg, Path(args.out), resume=args.resume, device=args.device)
+    if args.resume and (args.preset or args.set):
+        raise ValueError("--resume continues a run with its saved config; drop --preset and --set (only --max-steps may change)")
+    cfg = None if args.resume else apply_overrides(preset(args.preset or "tiny"), args.set or [])
+    result = train(cfg, Path(args.out), resume=args.resume, max_steps=args.max_steps, device=args.device)
     print(f"trained to step {result.step} (last loss {result.last_loss:.4f}, {result.bad_steps} skipped steps); run folder: {result.run_dir}")
     return 0
 
@@ -61,6 +49,67 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     out = export_run(Path(args.run_dir), Path(args.out), overwrite=args.overwrite, dtype=args.dtype)
     print(f"wrote model folder {out}")
+    return 0
+
+
+def _slug(text: str, limit: int = 60) -> str:
+    words = "".join(c if c.isalnum() else " " for c in text.lower()).split()
+    return "-".join(words)[:limit].strip("-") or "image"
+
+
+def _writable_folder(path: Path) -> Path:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create output folder {path}: {e.strerror}") from None
+    if not os.access(path, os.W_OK):
+        raise ValueError(f"output folder {path} is not writable; choose another --out")
+    return path
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from tqdm import tqdm
+
+    from .pipeline import Pipeline
+    from .plot import image_grid
+    from .rng import parse_seeds
+
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    if args.prompt is not None and len(args.prompt) > 1000:
+        raise ValueError(f"the prompt is {len(args.prompt)} characters long; keep it under 1000")
+    seeds = parse_seeds(args.seed)
+    pipe = Pipeline.load(args.model)
+    changes = {k: v for k, v in (("sampler", args.sampler), ("steps", args.steps), ("cfg", args.cfg), ("schedule", args.schedule)) if v is not None}
+    settings = dataclasses.replace(pipe.defaults, **changes)
+    from .samplers import get_sampler
+    from .schedules import SCHEDULES
+
+    get_sampler(settings.sampler)
+    if settings.schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {settings.schedule!r}; known schedules: {', '.join(SCHEDULES)}")
+    out = _writable_folder(Path(args.out))
+    stem = _slug(args.prompt) if args.prompt else f"{pipe.name}-class{args.class_label}"
+    paths = [out / f"{stem}-s{seed}.png" for seed in seeds]
+    grid_path = out / f"{stem}-grid.png"
+    existing = [p for p in paths + ([grid_path] if args.grid else []) if p.exists()]
+    if existing and not args.overwrite:
+        raise ValueError(f"{existing[0]} already exists; pass --overwrite to replace it or choose another --out")
+    bar = tqdm(total=len(seeds) * settings.steps, desc="generate", unit="step", disable=args.quiet)
+    images = pipe(args.prompt, negative=args.negative, class_label=args.class_label, seeds=seeds, settings=settings,
+                  size=args.size, batch_size=args.batch_size, callback=lambda info: bar.update(len(info.x)))
+    bar.close()
+    for item, path in zip(images, paths):
+        item.save(path, overwrite=args.overwrite)
+        print(path)
+    if args.grid:
+        import numpy as np
+
+        grid = image_grid(np.stack([np.asarray(g.image.convert("RGB")) for g in images]), scale=max(1, 128 // images[0].image.width))
+        grid.save(grid_path)
+        print(grid_path)
     return 0
 
 
@@ -87,7 +136,7 @@ def cmd_samplers(args: argparse.Namespace) -> int:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "train": cmd_train, "export": cmd_export, "presets": cmd_presets, "samplers": cmd_samplers,
+    "train": cmd_train, "export": cmd_export, "generate": cmd_generate, "presets": cmd_presets, "samplers": cmd_samplers,
 }
 
 
@@ -111,6 +160,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="storage dtype of the weights")
     p.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
 
+    p = _subparser(subs, "generate", "Generate images from a prompt (text models) or a class label (class models).")
+    p.add_argument("prompt", nargs="?", help="what to draw, e.g. \"a red circle above a blue square\"")
+    p.add_argument("--negative", help="negative prompt: what guidance steers away from")
+    p.add_argument("--model", default="shapes", help="shipped model name (shapes, digits) or a model folder")
+    p.add_argument("--class", dest="class_label", type=int, help="class label for class-conditional models")
+    p.add_argument("--sampler", help="sampler name (see `diffuse samplers`); default: the model's")
+    p.add_argument("--steps", type=int, help="solver steps; default: the model's")
+    p.add_argument("--cfg", type=float, help="classifier-free guidance scale (1 = off); default: the model's")
+    p.add_argument("--schedule", help="sigma schedule (karras, exponential, ...); default: the model's")
+    p.add_argument("--seed", default="0", help="seeds, one image each: 7, 0-7 or 1,5,9")
+    p.add_argument("--size", type=int, help="image size in pixels; default: the model's native size")
+    p.add_argument("--batch-size", type=int, default=8, help="images sampled together (results do not depend on it)")
+    p.add_argument("--out", default="out", help="output folder")
+    p.add_argument("--grid", action="store_true", help="also write a grid of all images")
+    p.add_argument("--overwrite", action="store_true", help="replace existing files")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
     _subparser(subs, "presets", "List training presets.")
     _subparser(subs, "samplers", "List samplers, their options, and sigma schedules.")
     return parser
@@ -123,7 +189,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, CheckpointError, FileNotFoundError, PermissionError) as e:
+    except (ValueError, CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

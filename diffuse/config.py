@@ -196,11 +196,12 @@ def presets() -> dict[str, RunConfig]:
                               checkpoint_every=250, sample_every=1000, ema_halflife_nimg=50_000.0),
         ),
         # the shipped text-to-image model: the shapes world at 32x32 with the built-in text encoder
+        # (one residual block per level: on a 2-core CPU more images beat more depth, see bench/RESULTS.md)
         "shapes-t2i": RunConfig(
-            model=ModelConfig(backbone_config=_unet("small", text_dim=TEXT_SMALL["dim"]), conditioning="text",
+            model=ModelConfig(backbone_config=_unet("small", num_res_blocks=1, text_dim=TEXT_SMALL["dim"]), conditioning="text",
                               text_config=dict(TEXT_SMALL)),
-            train=TrainConfig(data="shapes", batch_size=64, max_steps=20_000, warmup_steps=500, lr=3e-4,
-                              checkpoint_every=250, sample_every=1000, ema_halflife_nimg=100_000.0),
+            train=TrainConfig(data="shapes", dataset_size=1_000_000, batch_size=64, max_steps=8000, warmup_steps=300, lr=5e-4,
+                              checkpoint_every=250, sample_every=500, ema_halflife_nimg=25_000.0),
         ),
         # a diffusion transformer on the same task (adaLN-Zero, cross-attention to text)
         "shapes-dit": RunConfig(

@@ -41,6 +41,12 @@ class DiffusionModel(nn.Module):
     def sigma_max(self) -> float:
         return self.cfg.sigma_max
 
+    def size_factor(self) -> Optional[int]:
+        """Sizes this backbone can make besides its native one are multiples of this (None: native only)."""
+        if self.cfg.backbone == "unet":
+            return 2 ** (len(self.cfg.backbone_config["channel_mult"]) - 1)
+        return None
+
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any = None) -> torch.Tensor:
         return self.denoiser(x, sigma, cond)
 

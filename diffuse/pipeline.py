@@ -8,13 +8,17 @@ and settings only, never on the batch it was drawn in.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
 
 import torch
+from PIL import Image
 
-from . import rng, schedules
+from . import __version__, rng, schedules
 from .guidance import CFGDenoiser
 from .model import DiffusionModel
+from .plot import to_uint8
+from .record import file_hash, save_png
 from .samplers import get_sampler
 from .steps import StepInfo
 
@@ -59,3 +63,111 @@ def generate(model: DiffusionModel, settings: SampleSettings, seeds: Sequence[in
     sampler = get_sampler(settings.sampler)
     out = sampler(denoiser, x, sigmas, cond, generator=generators, callback=callback, **settings.sampler_options)
     return out.clamp(-1, 1)
+
+
+# ---------------------------------------------------------------- the user-facing pipeline
+
+MODELS_DIR = Path(__file__).parent / "models"
+
+
+def resolve_model(name_or_path: str | Path) -> Path:
+    """A shipped model's name (``shapes``, ``digits``) or a model folder's path -> the folder."""
+    shipped = MODELS_DIR / str(name_or_path)
+    if shipped.is_dir():
+        return shipped
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    names = sorted(p.name for p in MODELS_DIR.iterdir() if p.is_dir()) if MODELS_DIR.is_dir() else []
+    raise FileNotFoundError(f"no model {str(name_or_path)!r}: not a shipped model ({', '.join(names) or 'none installed'}) "
+                            f"and not a model folder")
+
+
+@dataclass
+class Generated:
+    """One generated image with the record that regenerates it."""
+
+    image: Image.Image
+    seed: int
+    record: dict[str, Any]
+
+    def save(self, path: Path, *, overwrite: bool = False) -> Path:
+        return save_png(self.image, path, self.record, overwrite=overwrite)
+
+
+class Pipeline:
+    """Load a model once, then generate images from prompts or class labels.
+
+    >>> pipe = Pipeline.load("shapes")
+    >>> images = pipe("a red circle above a blue square", seeds=[0, 1, 2, 3])
+    >>> images[0].save("out.png")
+    """
+
+    def __init__(self, model: DiffusionModel, name: str, model_hash: str, defaults: Optional[dict[str, Any]] = None,
+                 device: str = "cpu"):
+        self.model = model.to(device)
+        self.name = name
+        self.model_hash = model_hash
+        self.defaults = SampleSettings(**(defaults or {}))
+        self.device = device
+
+    @classmethod
+    def load(cls, name_or_path: str | Path = "shapes", device: str = "cpu") -> "Pipeline":
+        """Load a shipped model by name or a model folder by path; its config's "sampling" block sets the defaults."""
+        folder = resolve_model(name_or_path)
+        model, config = DiffusionModel.load(folder)
+        return cls(model, folder.name, file_hash(folder / "model.safetensors"), config.get("sampling"), device)
+
+    def check_size(self, size: int) -> int:
+        """The model's native size, or another size its backbone can make (a clear error otherwise)."""
+        native = self.model.cfg.image_size
+        if size == native:
+            return size
+        factor = self.model.size_factor()
+        if factor is None or size < factor or size % factor:
+            can = f"multiples of {factor}" if factor else f"only {native}"
+            raise ValueError(f"this model cannot make {size}x{size} images; it makes {native}x{native} ({can})")
+        return size
+
+    def __call__(self, prompt: Optional[str] = None, *, negative: Optional[str] = None, class_label: Optional[int] = None,
+                 seeds: Sequence[int] | str | int = 0, settings: Optional[SampleSettings] = None, size: Optional[int] = None,
+                 batch_size: int = 8, callback: Optional[Callable[[StepInfo], None]] = None) -> list[Generated]:
+        settings = settings or self.defaults
+        seed_list = rng.parse_seeds(seeds)
+        res = self.check_size(size or self.model.cfg.image_size)
+        self.check_prompt(prompt, negative)
+        out: list[Generated] = []
+        for start in range(0, len(seed_list), batch_size):
+            chunk = seed_list[start:start + batch_size]
+            n = len(chunk)
+            images = generate(self.model, settings, chunk, size=res, callback=callback,
+                              prompts=[prompt] * n if prompt is not None else None,
+                              negative=[negative] * n if negative is not None else None,
+                              labels=[class_label] * n if class_label is not None else None)
+            for seed, arr in zip(chunk, to_uint8(images)):
+                image = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
+                out.append(Generated(image, seed, self.record(prompt, negative, class_label, seed, settings, res)))
+        return out
+
+    def check_prompt(self, prompt: Optional[str], negative: Optional[str]) -> None:
+        """Refuse empty prompts and words the model never learned (naming them)."""
+        if self.model.cfg.conditioning != "text":
+            return
+        if prompt is None or not prompt.strip():
+            raise ValueError("the prompt is empty; describe the image, e.g. \"a red circle above a blue square\"")
+        for text, what in ((prompt, "prompt"), (negative, "negative prompt")):
+            unknown = self.model.text_encoder.unknown_words(text) if text else []
+            if unknown:
+                raise ValueError(f"the {what} has words this model never saw in training: {', '.join(unknown)}; "
+                                 f"rephrase with words from its vocabulary (see `diffuse info {self.name}`)")
+
+    def record(self, prompt: Optional[str], negative: Optional[str], class_label: Optional[int], seed: int,
+               settings: SampleSettings, size: int) -> dict[str, Any]:
+        sigmas = settings.sigmas(self.model)
+        return {
+            "prompt": prompt, "negative_prompt": negative, "class_label": class_label, "seed": seed,
+            "sampler": settings.sampler, "sampler_options": settings.sampler_options, "steps": settings.steps,
+            "schedule": settings.schedule, "sigmas": [float(s) for s in sigmas], "cfg": settings.cfg,
+            "cfg_rescale": settings.cfg_rescale, "cfg_interval": settings.cfg_interval, "width": size, "height": size,
+            "model": self.name, "model_hash": self.model_hash, "diffuse_version": __version__, "torch_version": torch.__version__,
+        }

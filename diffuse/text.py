@@ -90,7 +90,7 @@ class WordTokenizer:
     def check_length(self, prompt: str) -> None:
         n = len(split_words(prompt)) + 2
         if n > self.max_length:
-            raise ValueError(f"prompt is too long: {n} tokens including bos/eos, max_length is {self.max_length}: {prompt!r}")
+            raise ValueError(f"prompt is too long: {n} tokens including bos/eos, this model takes at most {self.max_length}; shorten it")
 
     def unknown_words(self, prompt: str) -> list[str]:
         """Words of ``prompt`` not in the vocabulary (they encode as <unk>), in order, without repeats."""

@@ -138,6 +138,17 @@ def drop_conditions(batch: list[dict[str, Any]], cfg: RunConfig, drop: torch.Ten
 
 # ---------------------------------------------------------------- the loop
 
+def open_dataset(cfg: RunConfig) -> Any:
+    """The run's dataset with the options that apply to its kind."""
+    t = cfg.train
+    options: dict[str, Any] = {}
+    if t.data == "shapes" and t.dataset_size:
+        options["length"] = t.dataset_size
+    if t.data.startswith("folder:"):
+        options["skip_bad_files"] = t.skip_bad_files
+    return make_dataset(t.data, cfg.model.image_size, **options)
+
+
 def prepare_config(cfg: RunConfig, dataset: Any) -> RunConfig:
     """Fill in what a fresh run learns from its data (the text vocabulary) and check the match."""
     m = cfg.model
@@ -153,9 +164,10 @@ def prepare_config(cfg: RunConfig, dataset: Any) -> RunConfig:
     return dataclasses.replace(cfg, model=m)
 
 
-def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False, device: Optional[str] = None, progress: bool = True,
-          log: Callable[[str], None] = print) -> TrainResult:
-    """Train (or resume) a run in ``run_dir``; returns the final step and last loss."""
+def train(cfg: Optional[RunConfig], run_dir: Path, *, resume: bool = False, max_steps: Optional[int] = None,
+          device: Optional[str] = None, progress: bool = True, log: Callable[[str], None] = print) -> TrainResult:
+    """Train a new run in ``run_dir`` from ``cfg``, or resume it from its newest checkpoint and saved config
+    (``cfg`` is then ignored). ``max_steps`` overrides train.max_steps. Returns the final step and last loss."""
     run_dir = Path(run_dir)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     d = init_distributed(dev)
@@ -167,13 +179,18 @@ def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False, device: Option
     if resume:
         if not found:
             raise checkpoint.CheckpointError(f"--resume: {run_dir}/checkpoints holds no complete checkpoint; start without --resume")
-        saved = RunConfig.from_dict(checkpoint.read_json(run_dir / RUN_CONFIG))
-        cfg = dataclasses.replace(saved, train=dataclasses.replace(saved.train, max_steps=cfg.train.max_steps))
+        cfg = RunConfig.from_dict(checkpoint.read_json(run_dir / RUN_CONFIG))
     elif found:
         raise TrainingError(f"{run_dir} already holds checkpoints; pass --resume to continue it, or choose a new --out")
+    elif cfg is None:
+        raise ValueError("a new run needs a config (e.g. a preset)")
+    if max_steps is not None:
+        if max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=max_steps))
 
     t = cfg.train
-    dataset = make_dataset(t.data, cfg.model.image_size, skip_bad_files=t.skip_bad_files, size_hint=t.dataset_size)
+    dataset = open_dataset(cfg)
     if not resume:
         cfg = prepare_config(cfg, dataset)
     micro_batch = t.batch_size // t.grad_accum
