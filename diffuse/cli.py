@@ -17,6 +17,7 @@ EXAMPLES = {
     "export": "diffuse export runs/shapes --out models/my-shapes",
     "generate": 'diffuse generate "a red circle above a blue square" --seed 0-7 --out out/',
     "presets": "diffuse presets",
+    "info": "diffuse info shapes",
     "samplers": "diffuse samplers",
 }
 
@@ -113,6 +114,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_info(args: argparse.Namespace) -> int:
+    from .pipeline import Pipeline
+
+    pipe = Pipeline.load(args.model)
+    m = pipe.model.cfg
+    params = sum(p.numel() for p in pipe.model.parameters())
+    print(f"model {pipe.name}: {m.backbone}, {params / 1e6:.2f}M parameters, {m.precond} parameterization, "
+          f"{m.image_size}x{m.image_size}x{m.channels}, sigma {m.sigma_min}..{m.sigma_max}, model hash {pipe.model_hash}")
+    if m.conditioning == "class":
+        print(f"class-conditional: labels 0..{m.num_classes - 1}")
+    elif m.conditioning == "text":
+        words = pipe.model.text_encoder.tokenizer.vocab
+        print(f"text-conditional ({m.text_encoder} encoder); vocabulary ({len(words)} words): {' '.join(words)}")
+    d = pipe.defaults
+    print(f"sampling defaults: sampler {d.sampler}, {d.steps} steps, schedule {d.schedule}, cfg {d.cfg}")
+    return 0
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     from .config import presets
 
@@ -136,7 +155,7 @@ def cmd_samplers(args: argparse.Namespace) -> int:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "train": cmd_train, "export": cmd_export, "generate": cmd_generate, "presets": cmd_presets, "samplers": cmd_samplers,
+    "train": cmd_train, "export": cmd_export, "generate": cmd_generate, "info": cmd_info, "presets": cmd_presets, "samplers": cmd_samplers,
 }
 
 
@@ -176,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", action="store_true", help="also write a grid of all images")
     p.add_argument("--overwrite", action="store_true", help="replace existing files")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = _subparser(subs, "info", "Describe a model: network, conditioning, vocabulary, sampling defaults.")
+    p.add_argument("model", nargs="?", default="shapes", help="shipped model name or model folder")
 
     _subparser(subs, "presets", "List training presets.")
     _subparser(subs, "samplers", "List samplers, their options, and sigma schedules.")
