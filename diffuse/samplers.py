@@ -112,18 +112,7 @@ def heun(model: CountingDenoiser, x: torch.Tensor, sigmas: list[float], *, gener
          callback: Optional[Callback] = None) -> torch.Tensor:
     """Heun's second-order method (Karras et al. 2022, Alg. 1), with an Euler step for the
     last step to sigma = 0. x [B, ...] -> [B, ...]."""
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, sigma)
-        d = to_d(x, sigma, denoised)
-        if sigma_next == 0:
-            # last step: Euler (Alg. 1 line 5)
-            x = x + (sigma_next - sigma) * d
-        else:
-            # Euler predictor, trapezoidal corrector
-            x, denoised = heun_step(model, x, d, sigma, sigma_next)
-        report(callback, model, i, sigmas, x, denoised)
-    return x
+    return heun_with_churn(model, x, sigmas, Noise(generator), callback, 0.0, 0.0, float("inf"), 1.0)
 
 
 @register(SAMPLERS, "dpm_2", nfe=two_per_step_but_last, stochastic=False)
@@ -157,10 +146,16 @@ def edm(model: CountingDenoiser, x: torch.Tensor, sigmas: list[float], *, genera
     """Karras et al. 2022, Alg. 2: Heun steps with stochastic churn. Defaults are the paper's
     ImageNet-64 settings (Table 5); S_churn = 0 gives :func:`heun`. x [B, ...] -> [B, ...]."""
     require_nonnegative("edm", S_churn=S_churn, S_noise=S_noise)
-    noise, steps = Noise(generator), len(sigmas) - 1
+    return heun_with_churn(model, x, sigmas, Noise(generator), callback, S_churn, S_tmin, S_tmax, S_noise)
+
+
+def heun_with_churn(model: CountingDenoiser, x: torch.Tensor, sigmas: list[float], noise: Noise, callback: Optional[Callback],
+                    S_churn: float, S_tmin: float, S_tmax: float, S_noise: float) -> torch.Tensor:
+    """The loop of Karras et al. 2022, Alg. 2 (Alg. 1 when S_churn = 0), shared by heun and edm."""
+    steps = len(sigmas) - 1
     for i in range(steps):
         sigma_next = sigmas[i + 1]
-        # churn: raise the noise level to sigma_hat (lines 4-6)
+        # churn: raise the noise level to sigma_hat (lines 4-6; a no-op when S_churn = 0)
         x, sigma_hat = churn(x, sigmas[i], noise, steps, S_churn, S_tmin, S_tmax, S_noise)
         denoised = model(x, sigma_hat)
         d = to_d(x, sigma_hat, denoised)
