@@ -190,7 +190,8 @@ def presets() -> dict[str, RunConfig]:
         # the shipped class-conditional digits model: real scikit-learn digits at 16x16
         "digits": RunConfig(
             model=ModelConfig(backbone_config=_unet("small", image_size=16, in_channels=1, out_channels=1, num_classes=10,
-                                                    model_channels=64, channel_mult=[1, 2], attention_resolutions=[8]),
+                                                    model_channels=32, channel_mult=[1, 2, 2], num_res_blocks=1,
+                                                    attention_resolutions=[8], norm_groups=16),
                               conditioning="class", num_classes=10, channels=1, image_size=16),
             train=TrainConfig(data="digits", batch_size=64, max_steps=3000, warmup_steps=200, lr=4e-4,
                               checkpoint_every=250, sample_every=1000, ema_halflife_nimg=50_000.0),
