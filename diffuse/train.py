@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import math
 import os
 import time
@@ -69,15 +70,20 @@ def learning_rate(step: int, cfg: RunConfig) -> float:
     return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+@functools.lru_cache(maxsize=2)
+def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
+    """The seeded permutation of range(n) that epoch ``epoch`` visits."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
 def batch_indices(step: int, micro: int, cfg: RunConfig, n: int) -> list[int]:
-    """Dataset indices of one global micro-batch: epochs are seeded permutations of range(n)."""
+    """Dataset indices of one global micro-batch: a pure function of (seed, step, micro)."""
     micro_batch = cfg.train.batch_size // cfg.train.grad_accum
     start = (step * cfg.train.grad_accum + micro) * micro_batch
     out: list[int] = []
     while len(out) < micro_batch:
         epoch, offset = divmod(start + len(out), n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + epoch))
-        out.extend(perm[offset:offset + micro_batch - len(out)].tolist())
+        out.extend(epoch_order(cfg.train.seed, epoch, n)[offset:offset + micro_batch - len(out)].tolist())
     return out
 
 
