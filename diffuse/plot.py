@@ -19,17 +19,19 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
-def image_grid(images: np.ndarray, columns: int = 0, scale: int = 1) -> Image.Image:
-    """Tile uint8 images [B, H, W, C] into one RGB picture, optionally upscaled (nearest)."""
+def image_grid(images: np.ndarray, columns: int = 0, scale: int = 1, pad: int = 1) -> Image.Image:
+    """Tile uint8 images [B, H, W, C] into one RGB picture (upscaled by ``scale``, nearest),
+    separated by ``pad`` gray pixels so black-background tiles stay apart."""
     b, h, w, c = images.shape
     cols = columns or math.ceil(math.sqrt(b))
     rows = math.ceil(b / cols)
-    grid = np.zeros((rows * h, cols * w, c), dtype=np.uint8)
+    hs, ws = h * scale, w * scale
+    grid = np.full((rows * (hs + pad) - pad, cols * (ws + pad) - pad, c), 96, dtype=np.uint8)
     for i in range(b):
         r, k = divmod(i, cols)
-        grid[r * h:(r + 1) * h, k * w:(k + 1) * w] = images[i]
-    picture = Image.fromarray(grid[..., 0] if c == 1 else grid).convert("RGB")
-    return picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST) if scale > 1 else picture
+        tile = images[i].repeat(scale, axis=0).repeat(scale, axis=1)
+        grid[r * (hs + pad):r * (hs + pad) + hs, k * (ws + pad):k * (ws + pad) + ws] = tile
+    return Image.fromarray(grid[..., 0] if c == 1 else grid).convert("RGB")
 
 
 def line_chart(series: dict[str, Sequence[tuple[float, float]]], path: Path, *, title: str = "", log_y: bool = True,
