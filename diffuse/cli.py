@@ -10,7 +10,11 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
+
+if TYPE_CHECKING:
+    from .evaluate import AdherenceRun
+    from .pipeline import Pipeline, SampleSettings
 
 EXAMPLES = {
     "train": "diffuse train --preset tiny --out runs/tiny\n  diffuse train --preset shapes-t2i --out runs/shapes --set train.lr=2e-4 --max-steps 5000\n  diffuse train --out runs/shapes --resume",
@@ -19,6 +23,9 @@ EXAMPLES = {
     "presets": "diffuse presets",
     "info": "diffuse info shapes",
     "samplers": "diffuse samplers",
+    "eval": "diffuse eval adherence --model shapes --n-per-family 50 --guidance-sweep 1,2,3,4,6",
+    "adherence": "diffuse eval adherence --model shapes --n-per-family 200 --cfg 3 --json adherence.json\n"
+                 "  diffuse eval adherence --images out/",
 }
 
 
@@ -68,29 +75,35 @@ def _writable_folder(path: Path) -> Path:
     return path
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
+def _sample_settings(pipe: "Pipeline", args: argparse.Namespace) -> "SampleSettings":
+    """The model's sampling defaults with --sampler/--steps/--cfg/--schedule applied and checked."""
     import dataclasses
 
+    from .samplers import get_sampler
+    from .schedules import SCHEDULES
+
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    changes = {k: v for k, v in (("sampler", args.sampler), ("steps", args.steps), ("cfg", args.cfg), ("schedule", args.schedule)) if v is not None}
+    settings = dataclasses.replace(pipe.defaults, **changes)
+    get_sampler(settings.sampler)
+    if settings.schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {settings.schedule!r}; known schedules: {', '.join(SCHEDULES)}")
+    return settings
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .pipeline import Pipeline
     from .plot import image_grid
     from .rng import parse_seeds
 
-    if args.steps is not None and args.steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {args.steps}")
     if args.prompt is not None and len(args.prompt) > 1000:
         raise ValueError(f"the prompt is {len(args.prompt)} characters long; keep it under 1000")
     seeds = parse_seeds(args.seed)
     pipe = Pipeline.load(args.model)
-    changes = {k: v for k, v in (("sampler", args.sampler), ("steps", args.steps), ("cfg", args.cfg), ("schedule", args.schedule)) if v is not None}
-    settings = dataclasses.replace(pipe.defaults, **changes)
-    from .samplers import get_sampler
-    from .schedules import SCHEDULES
-
-    get_sampler(settings.sampler)
-    if settings.schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {settings.schedule!r}; known schedules: {', '.join(SCHEDULES)}")
+    settings = _sample_settings(pipe, args)
     out = _writable_folder(Path(args.out))
     stem = _slug(args.prompt) if args.prompt else f"{pipe.name}-class{args.class_label}"
     paths = [out / f"{stem}-s{seed}.png" for seed in seeds]
@@ -112,6 +125,126 @@ def cmd_generate(args: argparse.Namespace) -> int:
         grid.save(grid_path)
         print(grid_path)
     return 0
+
+
+def _guidance_scales(spec: str) -> list[float]:
+    try:
+        scales = [float(x) for x in spec.split(",")]
+    except ValueError:
+        raise ValueError(f"--guidance-sweep takes comma-separated guidance scales like 1,2,3,4,6, got {spec!r}") from None
+    if any(w < 1 for w in scales) or len(set(scales)) != len(scales):
+        raise ValueError(f"--guidance-sweep takes distinct guidance scales >= 1, got {spec!r}")
+    return scales
+
+
+def _free_path(path: Path, overwrite: bool) -> Path:
+    if path.exists() and not overwrite:
+        raise ValueError(f"{path} already exists; pass --overwrite to replace it or choose another path")
+    return path
+
+
+def _save_eval_images(run: "AdherenceRun", names: Sequence[str], families: Sequence[str], folder: Path, overwrite: bool) -> None:
+    """Write a run's images (PNG with records) and a prompts.jsonl that `eval adherence --images` reads back."""
+    import json
+
+    from .evaluate import PROMPTS_FILE
+
+    for g, name in zip(run.generated, names):
+        g.save(folder / name, overwrite=overwrite)
+    lines = [json.dumps({"file_name": n, "prompt": g.record["prompt"], "family": f})
+             for n, g, f in zip(names, run.generated, families)]
+    (folder / PROMPTS_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _adherence_of_folder(args: argparse.Namespace) -> dict:
+    """Score the images in --images; print the table; return the JSON report."""
+    from . import evaluate
+
+    generation_flags = [flag for flag, v in (("--sampler", args.sampler), ("--steps", args.steps), ("--cfg", args.cfg),
+                                             ("--schedule", args.schedule), ("--guidance-sweep", args.guidance_sweep),
+                                             ("--save-images", args.save_images)) if v]
+    if generation_flags:
+        raise ValueError(f"{', '.join(generation_flags)} only apply when generating with --model, not with --images")
+    items, report = evaluate.score_folder(evaluate.read_prompted_folder(Path(args.images), skip_unprompted=args.skip_unprompted))
+    print(f"{len(items)} images from {args.images}")
+    print(report.table())
+    return {"images": str(args.images), "runs": [{"settings": None, **evaluate.report_json(
+        report, [it.prompt for it in items], [it.family for it in items], {"file": [it.path.name for it in items]})}]}
+
+
+def _adherence_of_model(args: argparse.Namespace) -> dict:
+    """Generate one image per evaluation prompt (per guidance scale) with --model, score, print; return the JSON report."""
+    import dataclasses
+
+    from tqdm import tqdm
+
+    from . import evaluate
+    from .pipeline import Pipeline
+    from .shapes import eval_prompts
+
+    if args.n_per_family < 1:
+        raise ValueError(f"--n-per-family must be >= 1, got {args.n_per_family}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.guidance_sweep and args.cfg is not None:
+        raise ValueError("give either --cfg or --guidance-sweep, not both")
+    prompts, families = map(list, zip(*eval_prompts(args.n_per_family, args.prompt_seed)))
+    pipe = Pipeline.load(args.model)
+    evaluate.check_adherence_model(pipe, prompts)
+    settings = _sample_settings(pipe, args)
+    scales = _guidance_scales(args.guidance_sweep) if args.guidance_sweep else [settings.cfg]
+    folders = {w: Path(args.out) / (f"cfg-{w:g}" if args.guidance_sweep else "") for w in scales}
+    names = [f"{i:04d}-{f}-s{args.seed_base + i}.png" for i, f in enumerate(families)]
+    if args.save_images:
+        for folder in folders.values():
+            _writable_folder(folder)
+            for name in [evaluate.PROMPTS_FILE, *names]:
+                _free_path(folder / name, args.overwrite)
+    print(f"model {pipe.name} ({pipe.model_hash}): {len(prompts)} prompts ({args.n_per_family} per family), "
+          f"{settings.sampler}, {settings.steps} steps, {settings.schedule} schedule, "
+          f"seeds {args.seed_base}-{args.seed_base + len(prompts) - 1}")
+    runs = []
+    for w in scales:
+        bar = tqdm(total=len(prompts) * settings.steps, desc=f"cfg {w:g}", unit="step", disable=args.quiet)
+        runs.append(evaluate.adherence_run(pipe, prompts, families, dataclasses.replace(settings, cfg=w), seed_base=args.seed_base,
+                                           batch_size=args.batch_size, callback=lambda info: bar.update(len(info.x))))
+        bar.close()
+        if args.save_images:
+            _save_eval_images(runs[-1], names, families, folders[w], args.overwrite)
+    result = {"model": pipe.name, "model_hash": pipe.model_hash, "n_per_family": args.n_per_family,
+              "prompt_seed": args.prompt_seed, "seed_base": args.seed_base,
+              "runs": [{"settings": dataclasses.asdict(r.settings),
+                        **evaluate.report_json(r.report, prompts, families, {"seed": r.seeds})} for r in runs]}
+    if args.guidance_sweep:
+        best = evaluate.best_run(runs)
+        o = best.report.overall
+        print(evaluate.sweep_table(runs))
+        print(f"best guidance scale: {best.settings.cfg:g} (overall {o.accuracy:.3f} [{o.low:.3f}, {o.high:.3f}])")
+        result["best_cfg"] = best.settings.cfg
+    else:
+        print(f"cfg {settings.cfg:g}")
+        print(runs[0].report.table())
+    if args.save_images:
+        print(f"images and {evaluate.PROMPTS_FILE} in {args.out}")
+    return result
+
+
+def _eval_adherence(args: argparse.Namespace) -> int:
+    import json
+
+    if (args.model is None) == (args.images is None):
+        raise ValueError("give --model M to generate and score images, or --images DIR to score existing images (not both)")
+    json_path = _free_path(Path(args.json), args.overwrite) if args.json else None
+    result = _adherence_of_folder(args) if args.images is not None else _adherence_of_model(args)
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result, indent=2), encoding="utf-8")
+        print(f"report: {json_path}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    return {"adherence": _eval_adherence}[args.metric](args)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -155,7 +288,7 @@ def cmd_samplers(args: argparse.Namespace) -> int:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "train": cmd_train, "export": cmd_export, "generate": cmd_generate, "info": cmd_info, "presets": cmd_presets, "samplers": cmd_samplers,
+    "train": cmd_train, "export": cmd_export, "generate": cmd_generate, "info": cmd_info, "eval": cmd_eval, "presets": cmd_presets, "samplers": cmd_samplers,
 }
 
 
@@ -194,6 +327,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="out", help="output folder")
     p.add_argument("--grid", action="store_true", help="also write a grid of all images")
     p.add_argument("--overwrite", action="store_true", help="replace existing files")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = _subparser(subs, "eval", "Evaluate a model or a folder of images.")
+    metrics = p.add_subparsers(dest="metric", metavar="METRIC")
+    metrics.required = True
+    p = _subparser(metrics, "adherence", "Prompt adherence on the shapes world (GenEval-style): per-family accuracy "
+                   "with bootstrap intervals, for a model's images or a folder of images.")
+    p.add_argument("--model", help="text-to-image shapes model (shipped name or folder) to generate and score images")
+    p.add_argument("--images", metavar="DIR", help="score the images in DIR instead; prompts from prompts.jsonl "
+                   "({\"file_name\", \"prompt\"[, \"family\"]}), the PNG's diffuse record or AUTOMATIC1111 parameters")
+    p.add_argument("--skip-unprompted", action="store_true", help="with --images: skip images without a prompt (warning) instead of failing")
+    p.add_argument("--n-per-family", type=int, default=200, help="evaluation prompts per family (7 families)")
+    p.add_argument("--prompt-seed", type=int, default=0, help="seed of the evaluation prompt set")
+    p.add_argument("--seed-base", type=int, default=0, help="image i is drawn with seed SEED_BASE + i")
+    p.add_argument("--sampler", help="sampler name (see `diffuse samplers`); default: the model's")
+    p.add_argument("--steps", type=int, help="solver steps; default: the model's")
+    p.add_argument("--cfg", type=float, help="classifier-free guidance scale; default: the model's")
+    p.add_argument("--schedule", help="sigma schedule; default: the model's")
+    p.add_argument("--guidance-sweep", metavar="W1,W2,...", help="evaluate each guidance scale on the same prompts and seeds, e.g. 1,2,3,4,6")
+    p.add_argument("--batch-size", type=int, default=16, help="images sampled together (results do not depend on it)")
+    p.add_argument("--save-images", action="store_true", help="write the images (PNG with records) and prompts.jsonl to --out")
+    p.add_argument("--out", default="out/adherence", help="folder for --save-images (one subfolder cfg-W per swept scale)")
+    p.add_argument("--json", metavar="FILE", help="write the report (settings, model hash, per-family accuracy and interval, per-image verdicts)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing images and report")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = _subparser(subs, "info", "Describe a model: network, conditioning, vocabulary, sampling defaults.")

@@ -132,21 +132,40 @@ class Pipeline:
     def __call__(self, prompt: Optional[str] = None, *, negative: Optional[str] = None, class_label: Optional[int] = None,
                  seeds: Sequence[int] | str | int = 0, settings: Optional[SampleSettings] = None, size: Optional[int] = None,
                  batch_size: int = 8, callback: Optional[Callable[[StepInfo], None]] = None) -> list[Generated]:
-        settings = settings or self.defaults
         seed_list = rng.parse_seeds(seeds)
+        n = len(seed_list)
+        return self.generate_batch(seed_list, prompts=None if prompt is None else [prompt] * n, negative=negative,
+                                   class_labels=None if class_label is None else [class_label] * n, settings=settings,
+                                   size=size, batch_size=batch_size, callback=callback)
+
+    def generate_batch(self, seeds: Sequence[int], *, prompts: Optional[Sequence[str]] = None, negative: Optional[str] = None,
+                       class_labels: Optional[Sequence[int]] = None, settings: Optional[SampleSettings] = None,
+                       size: Optional[int] = None, batch_size: int = 8,
+                       callback: Optional[Callable[[StepInfo], None]] = None) -> list[Generated]:
+        """One image per seed, image i from ``prompts[i]`` (or ``class_labels[i]``); a batch may mix prompts.
+
+        Image i depends only on its prompt, seed and settings, not on ``batch_size`` or its neighbors.
+        """
+        settings = settings or self.defaults
+        seeds = rng.parse_seeds(seeds)
+        for name, values in (("prompts", prompts), ("class_labels", class_labels)):
+            if values is not None and len(values) != len(seeds):
+                raise ValueError(f"got {len(values)} {name} for {len(seeds)} seeds; give one per seed")
         res = self.check_size(size or self.model.cfg.image_size)
-        self.check_prompt(prompt, negative)
+        for prompt in dict.fromkeys(prompts or [None]):
+            self.check_prompt(prompt, negative)
         out: list[Generated] = []
-        for start in range(0, len(seed_list), batch_size):
-            chunk = seed_list[start:start + batch_size]
-            n = len(chunk)
-            images = generate(self.model, settings, chunk, size=res, callback=callback,
-                              prompts=[prompt] * n if prompt is not None else None,
-                              negative=[negative] * n if negative is not None else None,
-                              labels=[class_label] * n if class_label is not None else None)
-            for seed, arr in zip(chunk, to_uint8(images)):
+        for start in range(0, len(seeds), batch_size):
+            chunk = seeds[start:start + batch_size]
+            chunk_prompts = prompts[start:start + batch_size] if prompts is not None else None
+            chunk_labels = class_labels[start:start + batch_size] if class_labels is not None else None
+            images = generate(self.model, settings, chunk, size=res, callback=callback, prompts=chunk_prompts,
+                              negative=[negative] * len(chunk) if negative is not None else None, labels=chunk_labels)
+            for i, (seed, arr) in enumerate(zip(chunk, to_uint8(images))):
                 image = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
-                out.append(Generated(image, seed, self.record(prompt, negative, class_label, seed, settings, res)))
+                prompt = chunk_prompts[i] if chunk_prompts is not None else None
+                label = chunk_labels[i] if chunk_labels is not None else None
+                out.append(Generated(image, seed, self.record(prompt, negative, label, seed, settings, res)))
         return out
 
     def check_prompt(self, prompt: Optional[str], negative: Optional[str]) -> None:

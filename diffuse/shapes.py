@@ -324,3 +324,29 @@ def parse_prompt(text: str) -> PromptSpec:
     if relation and any(o.count != 1 for o in objects):
         raise ValueError(f"cannot parse prompt {text!r}: a relation needs one object on each side")
     return PromptSpec(tuple(objects), relation)
+
+
+def prompt_family(text: str) -> str:
+    """The evaluation family (``EVAL_FAMILIES``) whose structure a caption of the grammar has.
+
+    ``heldout`` when it names a held-out color-shape pair; else ``position`` for a relation,
+    ``counting`` for a numeral head ("one red triangle", "three blue squares"),
+    ``color_attribution`` for two colored objects of different colors and shapes without
+    sizes, ``two_objects`` for other pairs, ``colors`` for "a COLOR SHAPE", ``single`` for
+    other single objects. A caption that two families can produce goes to the more specific
+    one: the ``single`` caption "a red circle" is ``colors``. Raises ValueError like ``parse_prompt``.
+    """
+    spec = parse_prompt(text)
+    objs = spec.objects
+    if any((o.color, o.shape) in HELDOUT_PAIRS for o in objs):
+        return "heldout"
+    if spec.relation:
+        return "position"
+    if len(objs) == 2:
+        a, b = objs
+        attribution = a.color and b.color and a.color != b.color and a.shape != b.shape and not (a.size or b.size)
+        return "color_attribution" if attribution else "two_objects"
+    [obj] = objs
+    if obj.count > 1 or text.lower().split()[0] in NUMBERS:  # parse_prompt accepted it: the first word is the head
+        return "counting"
+    return "colors" if obj.color and not (obj.size or obj.cell is not None) else "single"
