@@ -24,6 +24,7 @@ EXAMPLES = {
     "info": "diffuse info shapes",
     "samplers": "diffuse samplers",
     "eval": "diffuse eval adherence --model shapes --n-per-family 50 --guidance-sweep 1,2,3,4,6",
+    "fid": "diffuse eval fid --model digits --ref digits --steps 10\n  diffuse eval fid --images out/ --ref digits",
     "adherence": "diffuse eval adherence --model shapes --n-per-family 200 --cfg 3 --json adherence.json\n"
                  "  diffuse eval adherence --images out/",
 }
@@ -243,8 +244,47 @@ def _eval_adherence(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_fid(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    from tqdm import tqdm
+
+    from . import evaluate
+    from .pipeline import Pipeline
+
+    if (args.model is None) == (args.images is None):
+        raise ValueError("give --model M to generate and score images, or --images DIR to score existing images (not both)")
+    if args.n is not None and args.n < 2:
+        raise ValueError(f"--n must be >= 2, got {args.n}")
+    json_path = _free_path(Path(args.json), args.overwrite) if args.json else None
+    if args.images is not None:
+        report = evaluate.fid_of_folder(Path(args.images), args.ref, n_boot=args.n_boot)
+        settings = None
+    else:
+        pipe = Pipeline.load(args.model)
+        settings = _sample_settings(pipe, args)
+        total = args.n or len(evaluate.reference_set(args.ref, pipe.model.cfg.image_size)[0])
+        bar = tqdm(total=total * settings.steps, desc="generate", unit="step", disable=args.quiet)
+        report = evaluate.fid_run(pipe, args.ref, settings, n=args.n, seed_base=args.seed_base, batch_size=args.batch_size,
+                                  n_boot=args.n_boot, callback=lambda info: bar.update(len(info.x)))
+        bar.close()
+        print(f"model {pipe.name} ({pipe.model_hash}): {settings.sampler}, {settings.steps} steps, cfg {settings.cfg:g}")
+    lo, hi = report.fid_interval
+    klo, khi = report.kid_interval
+    print(f"FID {report.fid:.2f} [{lo:.2f}, {hi:.2f}]  KID x1e3 {report.kid * 1e3:.2f} [{klo * 1e3:.2f}, {khi * 1e3:.2f}]  "
+          f"precision {report.precision:.3f}  recall {report.recall:.3f}  "
+          f"(n = {report.n_generated} generated vs {report.n_reference} reference {args.ref}; 95% bootstrap intervals)")
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps({"settings": dataclasses.asdict(settings) if settings else None,
+                                         "model": args.model, "images": args.images, **dataclasses.asdict(report)}, indent=2))
+        print(f"report: {json_path}")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
-    return {"adherence": _eval_adherence}[args.metric](args)
+    return {"adherence": _eval_adherence, "fid": _eval_fid}[args.metric](args)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -351,6 +391,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="out/adherence", help="folder for --save-images (one subfolder cfg-W per swept scale)")
     p.add_argument("--json", metavar="FILE", help="write the report (settings, model hash, per-family accuracy and interval, per-image verdicts)")
     p.add_argument("--overwrite", action="store_true", help="replace existing images and report")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = _subparser(metrics, "fid", "FID and KID (95% bootstrap intervals) and precision/recall against a dataset, on "
+                   "TF-FID Inception features; reference statistics are cached.")
+    p.add_argument("--model", help="model (shipped name or folder) to generate images with")
+    p.add_argument("--images", metavar="DIR", help="score the images in DIR instead (any tool's; one size)")
+    p.add_argument("--ref", default="digits", help="reference dataset: digits, shapes or folder:PATH")
+    p.add_argument("--n", type=int, help="number of images (default: the whole reference set)")
+    p.add_argument("--seed-base", type=int, default=0, help="image i is drawn with seed SEED_BASE + i")
+    p.add_argument("--sampler", help="sampler name; default: the model's")
+    p.add_argument("--steps", type=int, help="solver steps; default: the model's")
+    p.add_argument("--cfg", type=float, help="classifier-free guidance scale; default: the model's")
+    p.add_argument("--schedule", help="sigma schedule; default: the model's")
+    p.add_argument("--batch-size", type=int, default=32, help="images sampled together (results do not depend on it)")
+    p.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples for the intervals")
+    p.add_argument("--json", metavar="FILE", help="write the report as JSON")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = _subparser(subs, "info", "Describe a model: network, conditioning, vocabulary, sampling defaults.")

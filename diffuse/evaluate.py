@@ -1,4 +1,5 @@
-"""Evaluation of models and images: prompt adherence on the shapes world (GenEval-style).
+"""Evaluation of models and images: prompt adherence on the shapes world (GenEval-style), and
+FID / KID / precision-recall against a dataset (metric core in :mod:`diffuse.fid`).
 
 Adherence: each image is judged against its prompt by the exact scorer in ``adherence``
 (objects with the right shape and color, exact counts, positions and relations), and the
@@ -18,10 +19,12 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
+import torch
 from PIL import Image
 
 from . import adherence, shapes
 from .pipeline import Generated, Pipeline, SampleSettings
+from .plot import to_uint8
 from .record import read_record
 from .steps import StepInfo
 
@@ -199,3 +202,65 @@ def sweep_table(runs: Sequence[AdherenceRun]) -> str:
 def best_run(runs: Sequence[AdherenceRun]) -> AdherenceRun:
     """The run with the highest overall accuracy (the first one on ties)."""
     return max(runs, key=lambda r: r.report.overall.accuracy)
+
+
+# ---------------------------------------------------------------------------- FID / KID / precision-recall
+
+
+def reference_set(ref: str, size: int, n: Optional[int] = None) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """The first ``n`` images (all when None) of a dataset spec as uint8 [N, H, W, C], with their items'
+    conditions (label / caption), through the same dataset code the trainer uses."""
+    from .data import make_dataset
+
+    dataset = make_dataset(ref, size)
+    count = len(dataset) if n is None else min(n, len(dataset))
+    items = [dataset[i] for i in range(count)]
+    images = to_uint8(torch.stack([it["image"] for it in items]))  # [N, H, W, C]
+    return images, [{k: v for k, v in it.items() if k != "image"} for it in items]
+
+
+def fid_run(pipe: Pipeline, ref: str, settings: SampleSettings, *, n: Optional[int] = None, seed_base: int = 0,
+            batch_size: int = 32, n_boot: int = 200, callback: Optional[Callable[[StepInfo], None]] = None) -> Any:
+    """FID/KID/precision-recall of ``n`` images from ``pipe`` against dataset ``ref`` at the model's size.
+
+    Image i is conditioned like reference image i (its class label or caption), so generated and
+    reference sets have the same condition mix; image i uses seed ``seed_base + i``.
+    """
+    from .fid import fid_against_reference
+
+    cfg = pipe.model.cfg
+    reference, conditions = reference_set(ref, cfg.image_size, n)
+    if reference.shape[-1] != cfg.channels:
+        raise ValueError(f"reference {ref!r} has {reference.shape[-1]} channels but model {pipe.name} makes {cfg.channels}")
+    seeds = [seed_base + i for i in range(len(reference))]
+    labels = [c["label"] for c in conditions] if cfg.conditioning == "class" else None
+    prompts = [c["caption"] for c in conditions] if cfg.conditioning == "text" else None
+    if (cfg.conditioning == "class" and None in labels) or (cfg.conditioning == "text" and None in prompts):
+        raise ValueError(f"reference {ref!r} lacks the {'labels' if labels else 'captions'} that model {pipe.name} is conditioned on")
+    generated = pipe.generate_batch(seeds, prompts=prompts, class_labels=labels, settings=settings, batch_size=batch_size,
+                                    callback=callback)
+    images = np.stack([np.asarray(g.image)[..., None] if g.image.mode == "L" else np.asarray(g.image) for g in generated])
+    return fid_against_reference(images, f"{ref.replace(':', '_').replace('/', '_')}-{cfg.image_size}", reference, n_boot=n_boot)
+
+
+def fid_of_folder(folder: Path, ref: str, *, n_boot: int = 200) -> Any:
+    """FID/KID/precision-recall of the images in ``folder`` (any tool's; resized like the reference by the
+    feature network's single resize path) against all of dataset ``ref`` at the images' size."""
+    from .fid import fid_against_reference
+
+    paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if Path(folder).is_dir() else []
+    if not paths:
+        raise ValueError(f"no images (png, jpg, webp, bmp) in {folder}")
+    arrays = []
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                arrays.append(np.asarray(im.convert("RGB")))
+        except OSError as e:
+            raise ValueError(f"cannot read image {p}: {e}") from None
+    sizes = {a.shape for a in arrays}
+    if len(sizes) != 1:
+        raise ValueError(f"images in {folder} have different sizes {sorted(sizes)}; FID needs one size")
+    images = np.stack(arrays)
+    reference, _ = reference_set(ref, images.shape[1])  # grayscale references are replicated to RGB by the network
+    return fid_against_reference(images, f"{ref.replace(':', '_').replace('/', '_')}-{images.shape[1]}", reference, n_boot=n_boot)
