@@ -56,7 +56,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .train import export_run
 
-    out = export_run(Path(args.run_dir), Path(args.out), overwrite=args.overwrite, dtype=args.dtype)
+    from .pipeline import SampleSettings
+
+    sampling = _setting_flags(args)
+    SampleSettings(**sampling)  # checks the values
+    out = export_run(Path(args.run_dir), Path(args.out), overwrite=args.overwrite, dtype=args.dtype, sampling=sampling)
     print(f"wrote model folder {out}")
     return 0
 
@@ -80,17 +84,15 @@ def _sample_settings(pipe: "Pipeline", args: argparse.Namespace) -> "SampleSetti
     """The model's sampling defaults with --sampler/--steps/--cfg/--schedule applied and checked."""
     import dataclasses
 
-    from .samplers import get_sampler
-    from .schedules import SCHEDULES
-
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
-    changes = {k: v for k, v in (("sampler", args.sampler), ("steps", args.steps), ("cfg", args.cfg), ("schedule", args.schedule)) if v is not None}
-    settings = dataclasses.replace(pipe.defaults, **changes)
-    get_sampler(settings.sampler)
-    if settings.schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {settings.schedule!r}; known schedules: {', '.join(SCHEDULES)}")
-    return settings
+    return dataclasses.replace(pipe.defaults, **_setting_flags(args))
+
+
+def _setting_flags(args: argparse.Namespace) -> dict:
+    """The sampling flags the user gave (--sampler, --steps, --cfg, --schedule)."""
+    return {k: v for k, v in (("sampler", args.sampler), ("steps", args.steps), ("cfg", args.cfg), ("schedule", args.schedule))
+            if v is not None}
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -351,6 +353,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="model folder to create")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="storage dtype of the weights")
     p.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
+    p.add_argument("--sampler", help="the model's default sampler (default: dpmpp_2m)")
+    p.add_argument("--steps", type=int, help="the model's default number of steps (default: 20)")
+    p.add_argument("--cfg", type=float, help="the model's default guidance scale (default: 1, off)")
+    p.add_argument("--schedule", help="the model's default sigma schedule (default: karras)")
 
     p = _subparser(subs, "generate", "Generate images from a prompt (text models) or a class label (class models).")
     p.add_argument("prompt", nargs="?", help="what to draw, e.g. \"a red circle above a blue square\"")

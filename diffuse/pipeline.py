@@ -7,6 +7,7 @@ and settings only, never on the batch it was drawn in.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -35,9 +36,16 @@ class SampleSettings:
     cfg_interval: Optional[tuple[float, float]] = None
     sampler_options: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        get_sampler(self.sampler)
+        if self.schedule not in schedules.SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; known schedules: {', '.join(schedules.SCHEDULES)}")
+        if int(self.steps) != self.steps or self.steps < 1:
+            raise ValueError(f"steps must be an integer >= 1, got {self.steps}")
+        if not math.isfinite(self.cfg):
+            raise ValueError(f"guidance scale must be a finite number, got {self.cfg}")
+
     def sigmas(self, model: DiffusionModel) -> torch.Tensor:
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
         return schedules.get_sigmas(self.schedule, self.steps, model.sigma_min, model.sigma_max)
 
 

@@ -361,8 +361,10 @@ def write_previews(run_dir: Path, step: int, cfg: RunConfig, ema: EMA, dataset: 
     return out
 
 
-def export_run(run_dir: Path, out: Path, *, overwrite: bool = False, dtype: str = "float32") -> Path:
-    """Write a model folder from a run's newest checkpoint, using its EMA weights."""
+def export_run(run_dir: Path, out: Path, *, overwrite: bool = False, dtype: str = "float32",
+               sampling: Optional[dict[str, Any]] = None) -> Path:
+    """Write a model folder from a run's newest checkpoint, using its EMA weights; ``sampling``
+    (SampleSettings fields) becomes the model's default sampling settings."""
     run_dir = Path(run_dir)
     found = checkpoint.list_checkpoints(run_dir)
     if not found:
@@ -370,5 +372,6 @@ def export_run(run_dir: Path, out: Path, *, overwrite: bool = False, dtype: str 
     cfg = RunConfig.from_dict(checkpoint.read_json(run_dir / RUN_CONFIG))
     tensors, state = checkpoint.load_checkpoint(found[-1], ("ema",))
     model = DiffusionModel(cfg.model)
-    extra = {"training": {"run": run_dir.name, "step": state["step"], "nimg": state["nimg"], "preset_config": cfg.to_dict()}}
+    extra = {"training": {"run": run_dir.name, "step": state["step"], "nimg": state["nimg"], "preset_config": cfg.to_dict()},
+             "sampling": sampling or {}}
     return model.save(Path(out), weights=tensors["ema"], extra=extra, overwrite=overwrite, dtype=getattr(torch, dtype))
