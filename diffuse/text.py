@@ -18,11 +18,9 @@ An encoder is rebuilt from ``(kind, to_dict())`` with :func:`build_text_encoder`
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections import Counter
-from pathlib import Path
 from typing import Any, Iterable
 
 import torch
@@ -298,30 +296,7 @@ def build_text_encoder(kind: str, config: dict[str, Any]) -> TextEncoder:
     raise ValueError(f"unknown text encoder kind {kind!r}; use 'builtin' or 'minilm'")
 
 
-def save_text_encoder(encoder: TextEncoder, folder: str | Path) -> None:
-    """Write ``text_encoder.json`` ({kind, config}) and ``text_encoder.safetensors`` (its state) into folder."""
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "text_encoder.json").write_text(json.dumps({"kind": encoder.kind, "config": encoder.to_dict()}))
-    state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
-    save_file(state, str(folder / "text_encoder.safetensors"))
-
-
-def load_text_encoder(folder: str | Path) -> TextEncoder:
-    """Inverse of :func:`save_text_encoder` (strict state loading; no pickle)."""
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    meta = json.loads((folder / "text_encoder.json").read_text())
-    _check_keys("text_encoder.json", meta, {"kind", "config"})
-    encoder = build_text_encoder(meta["kind"], meta["config"])
-    encoder.load_state_dict(load_file(str(folder / "text_encoder.safetensors")), strict=True)
-    return encoder
-
-
 __all__ = [
     "WordTokenizer", "split_words", "SPECIALS", "TextEncoder", "BuiltinTextEncoder", "MiniLMTextEncoder",
-    "build_text_encoder", "save_text_encoder", "load_text_encoder", "MINILM_INSTALL_HINT",
+    "build_text_encoder", "MINILM_INSTALL_HINT",
 ]

@@ -1,4 +1,4 @@
-"""Text encoders: tokenizer round trips and errors, the built-in encoder's masking and save/load, MiniLM."""
+"""Text encoders: tokenizer round trips and errors, the built-in encoder's masking and rebuilding, MiniLM."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 from diffuse.nn import backbone_preset, build_backbone
 from diffuse.text import (BuiltinTextEncoder, MiniLMTextEncoder, WordTokenizer, build_text_encoder,
-                          load_text_encoder, save_text_encoder, split_words)
+                          split_words)
 
 CAPTIONS = ["a red circle above a blue square", "two green triangles", "A Red square, left of 3 circles!"]
 
@@ -91,14 +91,12 @@ def test_builtin_encoder_shapes_and_masking(tok):
     assert enc.token_embedding.weight.grad[tok.index["blue"]].abs().sum() == 0
 
 
-def test_builtin_encoder_save_load_roundtrip(tok, tmp_path):
+def test_builtin_encoder_rebuilds_from_its_config(tok):
     enc = encoder(tok)
     with torch.no_grad():
         enc.position_embedding.add_(1.0)  # trained state differs from a fresh init
-    save_text_encoder(enc, tmp_path)
-    meta = json.loads((tmp_path / "text_encoder.json").read_text())
-    assert meta["kind"] == "builtin" and meta["config"]["tokenizer"]["vocab"] == tok.vocab
-    enc2 = load_text_encoder(tmp_path)
+    enc2 = build_text_encoder("builtin", enc.to_dict())
+    enc2.load_state_dict(enc.state_dict())
     prompts = ["two green triangles", ""]
     assert torch.equal(enc.encode(prompts)["text"], enc2.encode(prompts)["text"])
     enc3 = build_text_encoder("builtin", enc.to_dict())
