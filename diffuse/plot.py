@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+PALETTE = [(0, 0, 0), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75), (31, 119, 180), (227, 119, 194)]
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -63,10 +63,10 @@ def line_chart(series: dict[str, Sequence[tuple[float, float]]], path: Path, *, 
         xv = x0 + frac * (x1 - x0)
         draw.text((margin_l + frac * (width - margin_l - margin_r) - 10, height - margin_b + 6), f"{xv:.6g}", fill="black")
     draw.text((margin_l, 8), title, fill="black")
-    for i, (name, s) in enumerate(series.items()):
+    for i, (name, s) in reversed(list(enumerate(series.items()))):  # the first series is drawn last, on top
         color = PALETTE[i % len(PALETTE)]
         pts = [px(x, y) for x, y in s if math.isfinite(y) and (y > 0 or not log_y)]
         if len(pts) > 1:
-            draw.line(pts, fill=color, width=2)
+            draw.line(pts, fill=color, width=3 if i == 0 else 1)
         draw.text((width - margin_r + 8, margin_t + 14 * i), name, fill=color)
     img.save(path)
