@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -136,21 +136,29 @@ def load_image(path: Path, size: int) -> np.ndarray:
     return np.array(im.crop((left, top, left + size, top + size)))
 
 
-def _read_metadata(root: Path) -> dict[str, str]:
-    """Captions from ``root/metadata.jsonl`` lines ``{"file_name": ..., "text": ...}``."""
-    path = root / "metadata.jsonl"
-    if not path.exists():
-        return {}
-    out = {}
+def read_jsonl(path: Path, keys: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """Rows of a JSON-lines file, keyed by their ``file_name``; each row must hold ``keys``.
+    A bad line is a ValueError naming ``file:line``."""
+    out: dict[str, dict[str, Any]] = {}
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-            out[Path(row["file_name"]).as_posix()] = str(row["text"])
+            missing = [k for k in ("file_name", *keys) if k not in row]
+            if missing:
+                raise KeyError(missing[0])
+            out[Path(row["file_name"]).as_posix()] = row
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{path}:{n}: expected a JSON object with 'file_name' and 'text' ({e})") from e
+            wanted = ", ".join(repr(k) for k in ("file_name", *keys))
+            raise ValueError(f"{path}:{n}: expected a JSON object with {wanted} ({e})") from e
     return out
+
+
+def _read_metadata(root: Path) -> dict[str, str]:
+    """Captions from ``root/metadata.jsonl`` lines ``{"file_name": ..., "text": ...}``."""
+    path = root / "metadata.jsonl"
+    return {name: str(row["text"]) for name, row in read_jsonl(path, ("text",)).items()} if path.exists() else {}
 
 
 class FolderDataset(Dataset):

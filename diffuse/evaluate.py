@@ -12,7 +12,6 @@ batch size) or from a folder of images made by any tool (``read_prompted_folder`
 from __future__ import annotations
 
 import dataclasses
-import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 from PIL import Image
 
 from . import adherence, shapes
+from .data import read_jsonl
 from .pipeline import Generated, Pipeline, SampleSettings
 from .plot import to_uint8
 from .record import read_record
@@ -88,19 +88,13 @@ def _read_prompts_file(folder: Path) -> dict[str, dict[str, str]]:
     if not path.exists():
         return {}
     out = {}
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            entry = {"prompt": str(row["prompt"]), **({"family": str(row["family"])} if "family" in row else {})}
-            out[Path(row["file_name"]).as_posix()] = entry
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{path}:{n}: expected a JSON object with 'file_name' and 'prompt' ({e})") from e
+    for name, row in read_jsonl(path, ("prompt",)).items():
+        entry = {"prompt": str(row["prompt"]), **({"family": str(row["family"])} if "family" in row else {})}
         if "family" in entry and entry["family"] not in shapes.EVAL_FAMILIES:
-            raise ValueError(f"{path}:{n}: unknown family {entry['family']!r}; expected one of {', '.join(shapes.EVAL_FAMILIES)}")
-        if not (folder / row["file_name"]).is_file():
-            raise ValueError(f"{path}:{n}: {row['file_name']} is not a file in {folder}")
+            raise ValueError(f"{path}: {name}: unknown family {entry['family']!r}; expected one of {', '.join(shapes.EVAL_FAMILIES)}")
+        if not (folder / name).is_file():
+            raise ValueError(f"{path}: {name} is not a file in {folder}")
+        out[name] = entry
     return out
 
 
