@@ -99,3 +99,21 @@ def separated_mixture1() -> GaussianMixture:
         means=torch.tensor([[-4.0], [0.0], [3.0]], dtype=torch.float64),
         stds=torch.tensor([0.5, 0.3, 0.4], dtype=torch.float64),
     )
+
+
+@pytest.fixture(scope="session")
+def random_model():
+    """Factory ``random_model(cfg) -> DiffusionModel``: seeded init plus small seeded weight noise,
+    so zero-initialized output layers do not make every image trivially the same."""
+    from diffuse.model import DiffusionModel
+
+    def build(cfg):
+        torch.manual_seed(0)
+        model = DiffusionModel(cfg)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.02)
+        return model
+
+    return build

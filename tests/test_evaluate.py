@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image, PngImagePlugin
 
 from diffuse import shapes
@@ -16,39 +15,28 @@ from diffuse.adherence import evaluate as adherence_evaluate
 from diffuse.cli import main
 from diffuse.config import ModelConfig, _unet
 from diffuse.evaluate import read_prompted_folder, score_folder
-from diffuse.model import DiffusionModel
 from diffuse.shapes import COLORS, EVAL_FAMILIES, SHAPES, SIZES, eval_prompts, prompt_family, render, sample
 from diffuse.text import WordTokenizer
 
 N_PER_FAMILY = 10
 
 
-def _perturbed(cfg: ModelConfig) -> DiffusionModel:
-    torch.manual_seed(0)
-    model = DiffusionModel(cfg)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.02)
-    return model
-
-
 @pytest.fixture(scope="module")
-def text_model(tmp_path_factory) -> Path:
+def text_model(tmp_path_factory, random_model) -> Path:
     """A random tiny text-to-image model that knows every word of the shapes grammar."""
     tok = WordTokenizer.from_captions(shapes.vocabulary()).to_dict()
     cfg = ModelConfig(backbone_config=_unet("tiny", text_dim=32), conditioning="text", image_size=16,
                       text_config={"dim": 32, "depth": 1, "num_heads": 2, "tokenizer": tok})
     folder = tmp_path_factory.mktemp("m") / "tiny-shapes"
-    _perturbed(cfg).save(folder, extra={"sampling": {"sampler": "dpmpp_2m", "steps": 3, "cfg": 2.0}})
+    random_model(cfg).save(folder, extra={"sampling": {"sampler": "dpmpp_2m", "steps": 3, "cfg": 2.0}})
     return folder
 
 
 @pytest.fixture(scope="module")
-def class_model(tmp_path_factory) -> Path:
+def class_model(tmp_path_factory, random_model) -> Path:
     cfg = ModelConfig(backbone_config=_unet("tiny", num_classes=10), conditioning="class", num_classes=10, image_size=16)
     folder = tmp_path_factory.mktemp("m") / "tiny-class"
-    _perturbed(cfg).save(folder)
+    random_model(cfg).save(folder)
     return folder
 
 

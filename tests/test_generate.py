@@ -5,11 +5,9 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from diffuse.config import ModelConfig, _unet
-from diffuse.model import DiffusionModel
 from diffuse.pipeline import Pipeline, SampleSettings
 from diffuse.record import read_record
 from diffuse.text import WordTokenizer
@@ -17,32 +15,22 @@ from diffuse.text import WordTokenizer
 CAPTIONS = ["a red circle above a blue square", "a green triangle", "two yellow squares"]
 
 
-def _perturb(model):
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.02)
-    return model
-
-
 @pytest.fixture(scope="module")
-def text_model(tmp_path_factory):
+def text_model(tmp_path_factory, random_model):
     tok = WordTokenizer.from_captions(CAPTIONS).to_dict()
     cfg = ModelConfig(backbone_config=_unet("tiny", text_dim=32), conditioning="text", image_size=16,
                       text_config={"dim": 32, "depth": 1, "num_heads": 2, "tokenizer": tok})
-    torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("m") / "tiny-text"
-    _perturb(DiffusionModel(cfg)).save(folder, extra={"sampling": {"sampler": "dpmpp_2m", "steps": 6, "cfg": 2.0}})
+    random_model(cfg).save(folder, extra={"sampling": {"sampler": "dpmpp_2m", "steps": 6, "cfg": 2.0}})
     return folder
 
 
 @pytest.fixture(scope="module")
-def class_model(tmp_path_factory):
+def class_model(tmp_path_factory, random_model):
     cfg = ModelConfig(backbone_config=_unet("tiny", in_channels=1, out_channels=1, num_classes=10), conditioning="class",
                       num_classes=10, channels=1, image_size=16)
-    torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("m") / "tiny-class"
-    _perturb(DiffusionModel(cfg)).save(folder)
+    random_model(cfg).save(folder)
     return folder
 
 
