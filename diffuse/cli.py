@@ -266,7 +266,7 @@ def _eval_fid(args: argparse.Namespace) -> int:
     else:
         pipe = Pipeline.load(args.model)
         settings = _sample_settings(pipe, args)
-        total = args.n or len(evaluate.reference_set(args.ref, pipe.model.cfg.image_size)[0])
+        total = evaluate.reference_count(args.ref, pipe.model.cfg.image_size, args.n)
         bar = tqdm(total=total * settings.steps, desc="generate", unit="step", disable=args.quiet)
         report = evaluate.fid_run(pipe, args.ref, settings, n=args.n, seed_base=args.seed_base, batch_size=args.batch_size,
                                   n_boot=args.n_boot, callback=lambda info: bar.update(len(info.x)))
@@ -404,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model (shipped name or folder) to generate images with")
     p.add_argument("--images", metavar="DIR", help="score the images in DIR instead (any tool's; one size)")
     p.add_argument("--ref", default="digits", help="reference dataset: digits, shapes or folder:PATH")
-    p.add_argument("--n", type=int, help="number of images (default: the whole reference set)")
+    p.add_argument("--n", type=int, help="number of images (default: the whole reference set, at most 10,000)")
     p.add_argument("--seed-base", type=int, default=0, help="image i is drawn with seed SEED_BASE + i")
     p.add_argument("--sampler", help="sampler name; default: the model's")
     p.add_argument("--steps", type=int, help="solver steps; default: the model's")

@@ -201,13 +201,23 @@ def best_run(runs: Sequence[AdherenceRun]) -> AdherenceRun:
 # ---------------------------------------------------------------------------- FID / KID / precision-recall
 
 
+MAX_DEFAULT_REFERENCE = 10_000  # the procedural shapes set is 'infinite'; without --n take this many
+
+
+def reference_count(ref: str, size: int, n: Optional[int] = None) -> int:
+    """How many images :func:`reference_set` takes: ``n``, else the whole set up to MAX_DEFAULT_REFERENCE."""
+    from .data import make_dataset
+
+    return min(n or MAX_DEFAULT_REFERENCE, len(make_dataset(ref, size)))
+
+
 def reference_set(ref: str, size: int, n: Optional[int] = None) -> tuple[np.ndarray, list[dict[str, Any]]]:
-    """The first ``n`` images (all when None) of a dataset spec as uint8 [N, H, W, C], with their items'
-    conditions (label / caption), through the same dataset code the trainer uses."""
+    """The first :func:`reference_count` images of a dataset spec as uint8 [N, H, W, C], with their
+    items' conditions (label / caption), through the same dataset code the trainer uses."""
     from .data import make_dataset
 
     dataset = make_dataset(ref, size)
-    count = len(dataset) if n is None else min(n, len(dataset))
+    count = min(n or MAX_DEFAULT_REFERENCE, len(dataset))
     items = [dataset[i] for i in range(count)]
     images = to_uint8(torch.stack([it["image"] for it in items]))  # [N, H, W, C]
     return images, [{k: v for k, v in it.items() if k != "image"} for it in items]

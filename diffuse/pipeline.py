@@ -162,6 +162,7 @@ class Pipeline:
         res = self.check_size(size or self.model.cfg.image_size)
         for prompt in dict.fromkeys(prompts or [None]):
             self.check_prompt(prompt, negative)
+        sigma_list = settings.sigmas(self.model).tolist()
         out: list[Generated] = []
         for start in range(0, len(seeds), batch_size):
             chunk = seeds[start:start + batch_size]
@@ -173,7 +174,7 @@ class Pipeline:
                 image = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
                 prompt = chunk_prompts[i] if chunk_prompts is not None else None
                 label = chunk_labels[i] if chunk_labels is not None else None
-                out.append(Generated(image, seed, self.record(prompt, negative, label, seed, settings, res)))
+                out.append(Generated(image, seed, self.record(prompt, negative, label, seed, settings, res, sigma_list)))
         return out
 
     def check_prompt(self, prompt: Optional[str], negative: Optional[str]) -> None:
@@ -189,12 +190,11 @@ class Pipeline:
                                  f"rephrase with words from its vocabulary (see `diffuse info {self.name}`)")
 
     def record(self, prompt: Optional[str], negative: Optional[str], class_label: Optional[int], seed: int,
-               settings: SampleSettings, size: int) -> dict[str, Any]:
-        sigmas = settings.sigmas(self.model)
+               settings: SampleSettings, size: int, sigmas: list[float]) -> dict[str, Any]:
         return {
             "prompt": prompt, "negative_prompt": negative, "class_label": class_label, "seed": seed,
             "sampler": settings.sampler, "sampler_options": settings.sampler_options, "steps": settings.steps,
-            "schedule": settings.schedule, "sigmas": [float(s) for s in sigmas], "cfg": settings.cfg,
+            "schedule": settings.schedule, "sigmas": sigmas, "cfg": settings.cfg,
             "cfg_rescale": settings.cfg_rescale, "cfg_interval": settings.cfg_interval, "width": size, "height": size,
             "model": self.name, "model_hash": self.model_hash, "diffuse_version": __version__, "torch_version": torch.__version__,
         }
