@@ -17,6 +17,7 @@ class Codec(Protocol):
 
     factor: int  # spatial downsampling from pixels to model space
     latent_channels: int
+    image_channels: int  # channels of the images it encodes (1 gray, 3 RGB)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor: ...
 
@@ -30,6 +31,7 @@ class PixelCodec:
 
     def __init__(self, channels: int):
         self.latent_channels = channels
+        self.image_channels = channels
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         if images.shape[1] != self.latent_channels:

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from . import __version__, rng, schedules
+from .codec import Codec, PixelCodec
 from .guidance import CFGDenoiser
 from .model import DiffusionModel
 from .plot import to_uint8
@@ -49,6 +50,18 @@ class SampleSettings:
         return schedules.get_sigmas(self.schedule, self.steps, model.sigma_min, model.sigma_max)
 
 
+def guided_denoiser(model: DiffusionModel, settings: SampleSettings, batch: int, *, prompts: Optional[Sequence[str]] = None,
+                    negative: Optional[Sequence[str]] = None, labels: Optional[Sequence[int]] = None) -> tuple[Callable, Any]:
+    """(denoiser, cond) for a batch: the model, wrapped in classifier-free guidance when settings.cfg != 1."""
+    cond = model.condition(prompts=prompts, labels=labels)
+    if settings.cfg == 1.0:
+        return model, cond
+    if model.cfg.conditioning == "none":
+        raise ValueError("guidance (cfg != 1) needs a conditional model; this model is unconditional")
+    uncond = model.condition(prompts=negative) if negative is not None else model.null_condition(batch)
+    return CFGDenoiser(model, settings.cfg, uncond, rescale=settings.cfg_rescale, interval=settings.cfg_interval), cond
+
+
 @torch.no_grad()
 def generate(model: DiffusionModel, settings: SampleSettings, seeds: Sequence[int], *,
              prompts: Optional[Sequence[str]] = None, negative: Optional[Sequence[str]] = None,
@@ -58,13 +71,7 @@ def generate(model: DiffusionModel, settings: SampleSettings, seeds: Sequence[in
     device = next(model.parameters()).device
     res = size or model.cfg.image_size
     batch = len(seeds)
-    cond = model.condition(prompts=prompts, labels=labels)
-    denoiser: Callable = model
-    if settings.cfg != 1.0:
-        if model.cfg.conditioning == "none":
-            raise ValueError("guidance (cfg != 1) needs a conditional model; this model is unconditional")
-        uncond = model.condition(prompts=negative) if negative is not None else model.null_condition(batch)
-        denoiser = CFGDenoiser(model, settings.cfg, uncond, rescale=settings.cfg_rescale, interval=settings.cfg_interval)
+    denoiser, cond = guided_denoiser(model, settings, batch, prompts=prompts, negative=negative, labels=labels)
     sigmas = settings.sigmas(model)
     generators = rng.generators_for(seeds, "cpu")
     x = rng.randn((batch, model.cfg.channels, res, res), generators, device=device) * float(sigmas[0])
@@ -118,6 +125,7 @@ class Pipeline:
         self.model_hash = model_hash
         self.defaults = SampleSettings(**(defaults or {}))
         self.device = device
+        self.codec: Codec = PixelCodec(model.cfg.channels)  # images <-> the space the model denoises (edits use it)
 
     @classmethod
     def load(cls, name_or_path: str | Path = "shapes", device: str = "cpu") -> "Pipeline":
@@ -176,6 +184,27 @@ class Pipeline:
                 label = chunk_labels[i] if chunk_labels is not None else None
                 out.append(Generated(image, seed, self.record(prompt, negative, label, seed, settings, res, sigma_list)))
         return out
+
+    # edits (diffuse.edit): the input is encoded with self.codec, edited in model space and decoded
+    def img2img(self, image: Any, prompt: Optional[str] = None, **options: Any) -> list[Generated]:
+        """SDEdit at ``strength`` (see :func:`diffuse.edit.img2img`): one image per seed."""
+        from .edit import img2img
+        return img2img(self, image, prompt, **options)
+
+    def inpaint(self, image: Any, mask: Any, prompt: Optional[str] = None, **options: Any) -> list[Generated]:
+        """Replace the mask's white region, keep the rest exactly (see :func:`diffuse.edit.inpaint`)."""
+        from .edit import inpaint
+        return inpaint(self, image, mask, prompt, **options)
+
+    def outpaint(self, image: Any, extend: Any, prompt: Optional[str] = None, **options: Any) -> list[Generated]:
+        """Extend the canvas, e.g. ``extend="left=16,right=16"`` (see :func:`diffuse.edit.outpaint`)."""
+        from .edit import outpaint
+        return outpaint(self, image, extend, prompt, **options)
+
+    def invert(self, image: Any, prompt: Optional[str] = None, **options: Any) -> list[Generated]:
+        """[reconstruction, one image per target prompt] from the image's inverted noise (see :func:`diffuse.edit.invert`)."""
+        from .edit import invert
+        return invert(self, image, prompt, **options)
 
     def check_prompt(self, prompt: Optional[str], negative: Optional[str]) -> None:
         """Refuse empty prompts and words the model never learned (naming them)."""
