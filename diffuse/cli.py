@@ -20,6 +20,11 @@ EXAMPLES = {
     "train": "diffuse train --preset tiny --out runs/tiny\n  diffuse train --preset shapes-t2i --out runs/shapes --set train.lr=2e-4 --max-steps 5000\n  diffuse train --out runs/shapes --resume",
     "export": "diffuse export runs/shapes --out models/my-shapes",
     "generate": 'diffuse generate "a red circle above a blue square" --seed 0-7 --out out/',
+    "edit": 'diffuse edit inpaint --image in.png --mask mask.png --prompt "a green triangle" --seed 0-3 --out out/',
+    "img2img": 'diffuse edit img2img --image in.png --prompt "a red circle above a blue square" --strength 0.6 --out out/',
+    "inpaint": 'diffuse edit inpaint --image in.png --mask mask.png --prompt "a green triangle" --feather 2 --jumps 3 --out out/',
+    "outpaint": 'diffuse edit outpaint --image in.png --extend left=16,right=16 --model my-model --prompt "..." --out out/',
+    "invert": 'diffuse edit invert --image in.png --prompt "a red circle" --target-prompt "a blue circle" --steps 50 --out out/',
     "presets": "diffuse presets",
     "info": "diffuse info shapes",
     "samplers": "diffuse samplers",
@@ -27,6 +32,15 @@ EXAMPLES = {
     "fid": "diffuse eval fid --model digits --ref digits --steps 10\n  diffuse eval fid --images out/ --ref digits",
     "adherence": "diffuse eval adherence --model shapes --n-per-family 200 --cfg 3 --json adherence.json\n"
                  "  diffuse eval adherence --images out/",
+}
+
+
+EDITS = {
+    "img2img": "SDEdit: noise the image to the sigma --strength selects and denoise from there (only those steps run).",
+    "inpaint": "Replace the mask's white region and keep the black region exactly (known pixels re-imposed every step).",
+    "outpaint": "Extend the canvas (--extend left=16,top=0,...) and fill the new area; the canvas must stay a size the model makes.",
+    "invert": "Deterministic DDIM/ODE inversion of an image to noise and its reconstruction; --target-prompt redraws it "
+              "from the same noise (same layout, different prompt). Seeds are unused.",
 }
 
 
@@ -128,6 +142,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         grid.save(grid_path)
         print(grid_path)
     return 0
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    from .edit import run_edit
+
+    return run_edit(args)
 
 
 def _guidance_scales(spec: str) -> list[float]:
@@ -330,8 +350,47 @@ def cmd_samplers(args: argparse.Namespace) -> int:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "train": cmd_train, "export": cmd_export, "generate": cmd_generate, "info": cmd_info, "eval": cmd_eval, "presets": cmd_presets, "samplers": cmd_samplers,
+    "train": cmd_train, "export": cmd_export, "generate": cmd_generate, "edit": cmd_edit, "info": cmd_info, "eval": cmd_eval, "presets": cmd_presets, "samplers": cmd_samplers,
 }
+
+
+def _generation_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options `generate` and every `edit` share: model, conditioning, sampling, seeds, output."""
+    p.add_argument("--negative", help="negative prompt: what guidance steers away from")
+    p.add_argument("--model", default="shapes", help="shipped model name (shapes, digits) or a model folder")
+    p.add_argument("--class", dest="class_label", type=int, help="class label for class-conditional models")
+    p.add_argument("--sampler", help="sampler name (see `diffuse samplers`); default: the model's")
+    p.add_argument("--steps", type=int, help="solver steps; default: the model's")
+    p.add_argument("--cfg", type=float, help="classifier-free guidance scale (1 = off); default: the model's")
+    p.add_argument("--schedule", help="sigma schedule (karras, exponential, ...); default: the model's")
+    p.add_argument("--seed", default="0", help="seeds, one image each: 7, 0-7 or 1,5,9")
+    p.add_argument("--batch-size", type=int, default=8, help="images sampled together (results do not depend on it)")
+    p.add_argument("--out", default="out", help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace existing files")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def _edit_flags(edit: str, p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image", required=True, help="input image (PNG, JPEG, WebP); never overwritten")
+    p.add_argument("--prompt", help="what the result shows (text models)")
+    if edit == "inpaint":
+        p.add_argument("--mask", required=True, help="mask of the image's size: white = replace, black = keep")
+        p.add_argument("--binarize", action="store_true", help="threshold a mask with gray pixels at 50%% (otherwise an error)")
+    if edit in ("img2img", "inpaint"):
+        p.add_argument("--strength", type=float, default=0.75 if edit == "img2img" else 1.0,
+                       help="fraction of the schedule to run, in (0, 1]; 1 starts from pure noise")
+    if edit == "outpaint":
+        p.add_argument("--extend", required=True, help="pixels to add per side, e.g. left=16,top=0,right=16,bottom=0")
+    if edit in ("inpaint", "outpaint"):
+        p.add_argument("--feather", type=int, default=0, help="soften the mask edge inward over this many pixels")
+        p.add_argument("--jumps", type=int, default=0, help="RePaint resampling: rerun each block of steps this many more times")
+        p.add_argument("--jump-length", type=int, default=10, help="RePaint block length in steps")
+    if edit == "invert":
+        p.add_argument("--target-prompt", action="append", default=[], help="redraw from the inverted noise with this prompt (repeatable)")
+        p.add_argument("--target-class", action="append", type=int, default=[], help="redraw with this class label (repeatable)")
+    if edit != "outpaint":
+        p.add_argument("--resize", action="store_true", help="resample a square image of another size to the model's size")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -360,20 +419,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _subparser(subs, "generate", "Generate images from a prompt (text models) or a class label (class models).")
     p.add_argument("prompt", nargs="?", help="what to draw, e.g. \"a red circle above a blue square\"")
-    p.add_argument("--negative", help="negative prompt: what guidance steers away from")
-    p.add_argument("--model", default="shapes", help="shipped model name (shapes, digits) or a model folder")
-    p.add_argument("--class", dest="class_label", type=int, help="class label for class-conditional models")
-    p.add_argument("--sampler", help="sampler name (see `diffuse samplers`); default: the model's")
-    p.add_argument("--steps", type=int, help="solver steps; default: the model's")
-    p.add_argument("--cfg", type=float, help="classifier-free guidance scale (1 = off); default: the model's")
-    p.add_argument("--schedule", help="sigma schedule (karras, exponential, ...); default: the model's")
-    p.add_argument("--seed", default="0", help="seeds, one image each: 7, 0-7 or 1,5,9")
+    _generation_flags(p)
     p.add_argument("--size", type=int, help="image size in pixels; default: the model's native size")
-    p.add_argument("--batch-size", type=int, default=8, help="images sampled together (results do not depend on it)")
-    p.add_argument("--out", default="out", help="output folder")
     p.add_argument("--grid", action="store_true", help="also write a grid of all images")
-    p.add_argument("--overwrite", action="store_true", help="replace existing files")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = _subparser(subs, "edit", "Edit an image: img2img (SDEdit), inpaint, outpaint, invert.")
+    edits = p.add_subparsers(dest="edit", metavar="EDIT")
+    edits.required = True
+    for name, help_text in EDITS.items():
+        _edit_flags(name, _generation_flags(_subparser(edits, name, help_text)))
 
     p = _subparser(subs, "eval", "Evaluate a model or a folder of images.")
     metrics = p.add_subparsers(dest="metric", metavar="METRIC")

@@ -270,14 +270,17 @@ def sample_from(denoiser: Callable, cond: Any, settings: SampleSettings, sigmas:
 
 # ---------------------------------------------------------------- edits
 
-def _check_canvas(pipe: "Pipeline", height: int, width: int, what: str) -> None:
+def _check_canvas(pipe: "Pipeline", height: int, width: int, what: str, fix: str) -> None:
+    """A clear error unless height x width is a size the model (through its codec) can make; ``fix`` says what to do."""
     factor = pipe.codec.factor
     if height != width:
-        raise ValueError(f"{what} is {width}x{height}; this model makes square images: crop it to a square, or extend it to one "
-                         f"with `diffuse edit outpaint`")
+        raise ValueError(f"{what} is {width}x{height} but this model makes square images; {fix}")
     if height % factor:
-        raise ValueError(f"{what} is {width}x{height}, not a multiple of the codec's factor {factor}")
-    pipe.check_size(height // factor)
+        raise ValueError(f"{what} is {width}x{height}, not a multiple of the codec's factor {factor}; {fix}")
+    try:
+        pipe.check_size(height // factor)
+    except ValueError as e:
+        raise ValueError(f"{what}: {e}; {fix}") from None
 
 
 def _fit(pipe: "Pipeline", inp: InputImage, resize: bool) -> InputImage:
@@ -290,10 +293,9 @@ def _fit(pipe: "Pipeline", inp: InputImage, resize: bool) -> InputImage:
         inp.pixels = np.asarray(_pil(inp.pixels).resize((native, native), Image.LANCZOS)).reshape(native, native, -1)
         inp.notes.append(f"resized the {w}x{h} image to {native}x{native} (Lanczos)")
         return inp
-    try:
-        _check_canvas(pipe, h, w, "the input image")
-    except ValueError as e:
-        raise ValueError(f"{e}; pass --resize (resize=True) to resample it to {native}x{native}") from None
+    fix = f"pass --resize (resize=True) to resample it to {native}x{native}" if h == w else \
+        "crop it to a square, or extend it to one with `diffuse edit outpaint`"
+    _check_canvas(pipe, h, w, "the input image", fix)
     return inp
 
 
@@ -403,7 +405,8 @@ def outpaint(pipe: "Pipeline", image: ImageSource, extend: str | dict[str, int],
     inp = read_image(image, pipe.codec.image_channels)
     h, w = inp.pixels.shape[:2]
     H, W = h + ext["top"] + ext["bottom"], w + ext["left"] + ext["right"]
-    _check_canvas(pipe, H, W, f"the extended canvas ({w}x{h} plus {ext})")
+    _check_canvas(pipe, H, W, f"the extended canvas ({w}x{h} extended by {', '.join(f'{k}={v}' for k, v in ext.items() if v)})",
+                  "choose --extend so that the canvas is a square the model can make")
     pad = ((ext["top"], ext["bottom"]), (ext["left"], ext["right"]), (0, 0))
     inp.pixels = np.pad(inp.pixels, pad, mode="edge")  # the starting fill; the new area is drawn from noise
     mask = np.pad(np.zeros((h, w), np.float32), pad[:2], constant_values=1)
@@ -491,3 +494,68 @@ def invert(pipe: "Pipeline", image: ImageSource, prompt: Optional[str] = None, *
             record.update(source_prompt=prompt, source_class_label=class_label)
         out.append(Generated(_pil(arr), None, record))
     return out
+
+
+# ---------------------------------------------------------------- the `diffuse edit` command
+
+def run_edit(args: Any) -> int:
+    """`diffuse edit img2img|inpaint|outpaint|invert`: write one PNG (with its record) per result."""
+    from tqdm import tqdm
+
+    from .cli import _sample_settings, _slug, _writable_folder
+    from .pipeline import Pipeline
+
+    image = Path(args.image)
+    pipe = Pipeline.load(args.model)
+    if args.edit == "invert" and args.sampler is None:  # the model's default sampler is rarely invertible
+        pipe.defaults = dataclasses.replace(pipe.defaults, sampler="euler", sampler_options={})
+    settings = _sample_settings(pipe, args)
+    out = _writable_folder(Path(args.out))
+    stem = _slug(image.stem)
+    common = dict(negative=args.negative, class_label=args.class_label, settings=settings)
+    if args.edit == "invert":
+        names = [f"{stem}-invert-reconstruction.png"] + [f"{stem}-invert-{_slug(p)}.png" for p in args.target_prompt] \
+            + [f"{stem}-invert-class{c}.png" for c in args.target_class]
+    else:
+        seeds = rng.parse_seeds(args.seed)
+        names = [f"{stem}-{args.edit}-s{seed}.png" for seed in seeds]
+        common.update(seeds=seeds, batch_size=args.batch_size)
+    paths = [out / name for name in names]
+    for path in paths:
+        if path.exists() and path.resolve() == image.resolve():
+            raise ValueError(f"{path} is the input image; edits never overwrite their input, choose another --out")
+        if path.exists() and not args.overwrite:
+            raise ValueError(f"{path} already exists; pass --overwrite to replace it or choose another --out")
+    bar = tqdm(desc=args.edit, unit="step", disable=args.quiet)
+
+    def progress(info: StepInfo) -> None:
+        bar.total = info.n * (len(paths) if args.edit == "invert" else len(common["seeds"]))
+        bar.update(len(info.x))
+
+    common["callback"] = progress
+    if args.edit == "img2img":
+        results = img2img(pipe, image, args.prompt, strength=args.strength, resize=args.resize, **common)
+    elif args.edit == "inpaint":
+        results = inpaint(pipe, image, args.mask, args.prompt, strength=args.strength, feather_px=args.feather,
+                          binarize=args.binarize, jumps=args.jumps, jump_length=args.jump_length, resize=args.resize, **common)
+    elif args.edit == "outpaint":
+        results = outpaint(pipe, image, args.extend, args.prompt, feather_px=args.feather, jumps=args.jumps,
+                           jump_length=args.jump_length, **common)
+    else:
+        results = invert(pipe, image, args.prompt, target_prompts=args.target_prompt, target_labels=args.target_class,
+                         resize=args.resize, **common)
+    bar.close()
+    rec = results[0].record
+    for note in rec["input_conversions"]:
+        print(f"note: {note}")
+    if args.edit == "invert":
+        print(f"inverted with {rec['inversion_nfe']} evaluations and reconstructed with {rec['nfe']} ({settings.sampler}, "
+              f"{settings.steps} steps): reconstruction RMSE {rec['reconstruction_rmse']:.2f} of 255")
+    else:
+        print(f"{args.edit}: strength {rec['denoising_strength']:g} ran {rec['steps_run']} solver steps "
+              f"({settings.steps - rec['first_step']} of the {settings.steps}-step schedule, from sigma "
+              f"{rec['sigmas'][rec['first_step']]:.3g}), {rec['nfe']} denoiser evaluations per image")
+    for item, path in zip(results, paths):
+        item.save(path, overwrite=args.overwrite)
+        print(path)
+    return 0
