@@ -40,7 +40,8 @@ EDITS = {
     "inpaint": "Replace the mask's white region and keep the black region exactly (known pixels re-imposed every step).",
     "outpaint": "Extend the canvas (--extend left=16,top=0,...) and fill the new area; the canvas must stay a size the model makes.",
     "invert": "Deterministic DDIM/ODE inversion of an image to noise and its reconstruction; --target-prompt redraws it "
-              "from the same noise (same layout, different prompt). Seeds are unused.",
+              "from the same noise (same layout, different prompt). Sampler euler, ddim or heun (default heun), "
+              "cfg default 1; seeds are unused.",
 }
 
 

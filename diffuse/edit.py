@@ -507,8 +507,8 @@ def run_edit(args: Any) -> int:
 
     image = Path(args.image)
     pipe = Pipeline.load(args.model)
-    if args.edit == "invert" and args.sampler is None:  # the model's default sampler is rarely invertible
-        pipe.defaults = dataclasses.replace(pipe.defaults, sampler="euler", sampler_options={})
+    if args.edit == "invert":  # unless asked otherwise: an invertible sampler, and the unguided ODE
+        pipe.defaults = dataclasses.replace(pipe.defaults, sampler="heun", sampler_options={}, cfg=1.0)
     settings = _sample_settings(pipe, args)
     out = _writable_folder(Path(args.out))
     stem = _slug(image.stem)
