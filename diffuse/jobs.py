@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import collections
 import io
+import math
 import threading
 import time
 import uuid
@@ -60,8 +61,8 @@ class Job:
     finished: Optional[float] = None
     eta_s: Optional[float] = None
     error: Optional[str] = None
-    results: list[Generated] = field(default_factory=list)
-    pngs: list[bytes] = field(default_factory=list)
+    records: list[dict[str, Any]] = field(default_factory=list)  # one generation record per result image
+    pngs: list[bytes] = field(default_factory=list)  # the result images as PNG files with their records
     preview: Optional[str] = None  # base64 PNG of the latest denoised estimate of the job's first image
     version: int = 0  # bumped on every change (the event stream watches it)
     cancel_requested: bool = False
@@ -149,7 +150,7 @@ class JobQueue:
         self.lock = threading.Condition()
         self.thread: Optional[threading.Thread] = None
         self.stopping = False
-        self.seconds_per_image = 1.0  # running estimate for Retry-After
+        self.seconds_per_image = 1.0  # running mean of measured batch times for Retry-After; 1 s until the first batch
 
     # ------------------------------------------------ client side
 
@@ -158,8 +159,8 @@ class JobQueue:
             raise ValueError(f"unknown job kind {kind_name!r}; known kinds: {', '.join(KINDS)}")
         with self.lock:
             if len(self.queue) >= self.max_queue:
-                waiting = sum(j.params.images for j in self.queue)
-                raise QueueFull(max(1, round(waiting * self.seconds_per_image / max(1, len(self.queue)))))
+                # a place frees up when the worker takes the next batch, i.e. when the running batch ends
+                raise QueueFull(max(1, math.ceil(self.seconds_per_image * self.max_batch)))
             job = Job(uuid.uuid4().hex, kind_name, params)
             self.jobs[job.id] = job
             self.queue.append(job)
@@ -273,7 +274,7 @@ class JobQueue:
             for job, result, data in zip(batch, results, pngs):
                 if job.status in FINAL:  # cancelled while its batch-mates ran on
                     continue
-                job.results, job.pngs = result, data
+                job.records, job.pngs = [g.record for g in result], data
                 job.step = job.steps
                 self._finish(job, "done")
         if self.on_result is not None:

@@ -237,8 +237,8 @@ def create_app(pipes: dict[str, Pipeline], *, max_queue: int = 32, max_batch: in
                 id=job.id, kind=job.kind, status=job.status, params=_params_json(job.params),
                 progress=Progress(step=job.step, steps=job.steps, nfe=job.nfe, eta_s=job.eta_s),
                 queue_position=position, error=job.error, created=job.created, started=job.started, finished=job.finished,
-                images=[ImageOut(url=f"/v1/jobs/{job.id}/images/{i}.png", seed=g.seed, record=g.record)
-                        for i, g in enumerate(job.results)])
+                images=[ImageOut(url=f"/v1/jobs/{job.id}/images/{i}.png", seed=r["seed"], record=r)
+                        for i, r in enumerate(job.records)])
 
     job_id_param = PathParam(pattern=JOB_ID, description="a job id from POST /v1/jobs")
 
@@ -293,7 +293,7 @@ def create_app(pipes: dict[str, Pipeline], *, max_queue: int = 32, max_batch: in
                     yield f"event: {name}\ndata: {json.dumps(data)}\n\n"
                     if job.status in FINAL:
                         return
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(0.1)
 
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
