@@ -77,7 +77,7 @@ class GenerateRequest(BaseModel):
         if self.batch > max_batch:
             raise FieldError("batch", f"batch {self.batch} is larger than this server's --max-batch {max_batch}")
         if self.seed + self.batch > 2 ** 63:
-            raise FieldError("seed", f"seed + batch must stay below 2**63")
+            raise FieldError("seed", f"seed + batch must stay below 2**63, got {self.seed} + {self.batch}")
         conditioning = pipe.model.cfg.conditioning
         if conditioning == "text":
             if self.class_label is not None:

@@ -146,6 +146,34 @@ def test_full_queue_answers_429_with_retry_after(pipe, monkeypatch):
         assert client.post("/v1/jobs", json={"prompt": CAPTIONS[0], "steps": 2}).status_code == 202
 
 
+def test_a_failing_job_reports_its_error_and_the_worker_goes_on(pipe, monkeypatch, tmp_path):
+    original = pipe.generate_batch
+
+    def flaky(seeds, **kw):
+        if seeds == [666]:
+            raise RuntimeError("out of memory")
+        return original(seeds, **kw)
+    monkeypatch.setattr(pipe, "generate_batch", flaky)
+    with client_for(pipe, out=tmp_path) as client:
+        bad = client.post("/v1/jobs", json={"prompt": CAPTIONS[0], "seed": 666, "steps": 1}).json()["id"]
+        good = client.post("/v1/jobs", json={"prompt": CAPTIONS[0], "seed": 1, "steps": 2}).json()["id"]
+        bad_job, good_job = wait_done(client, bad)[1], wait_done(client, good)[1]
+        png = client.get(good_job["images"][0]["url"]).content
+    assert bad_job["status"] == "failed" and bad_job["error"] == "RuntimeError: out of memory" and bad_job["images"] == []
+    assert good_job["status"] == "done"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{good}-0.png"]  # --out: the server's names
+    assert (tmp_path / f"{good}-0.png").read_bytes() == png
+
+
+def test_cli_serve_bad_flags_are_one_line_errors(capsys):
+    from diffuse.cli import main
+
+    assert main(["serve", "--port", "70000"]) == 2
+    assert capsys.readouterr().err == "error: --port must be in 1..65535, got 70000\n"
+    assert main(["serve", "--token", "abc"]) == 2
+    assert "--token must be at least 8 characters" in capsys.readouterr().err
+
+
 def test_finished_jobs_are_evicted_past_the_limit(pipe):
     with client_for(pipe, keep_jobs=2) as client:
         ids = [client.post("/v1/jobs", json={"prompt": CAPTIONS[0], "seed": s, "steps": 1}).json()["id"] for s in range(4)]
