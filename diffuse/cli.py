@@ -30,6 +30,8 @@ EXAMPLES = {
     "samplers": "diffuse samplers",
     "eval": "diffuse eval adherence --model shapes --n-per-family 50 --guidance-sweep 1,2,3,4,6",
     "fid": "diffuse eval fid --model digits --ref digits --steps 10\n  diffuse eval fid --images out/ --ref digits",
+    "serve": "diffuse serve --model shapes --port 7860   (then open http://127.0.0.1:7860/)\n"
+             "  diffuse serve --model shapes --host 0.0.0.0 --token \"$(openssl rand -hex 16)\"",
     "adherence": "diffuse eval adherence --model shapes --n-per-family 200 --cfg 3 --json adherence.json\n"
                  "  diffuse eval adherence --images out/",
 }
@@ -328,6 +330,14 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server import serve
+
+    serve(args.model or ["shapes"], host=args.host, port=args.port, max_queue=args.max_queue, max_batch=args.max_batch,
+          keep_jobs=args.keep_jobs, token=args.token, out=Path(args.out) if args.out else None, device=args.device)
+    return 0
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     from .config import presets
 
@@ -352,6 +362,7 @@ def cmd_samplers(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "train": cmd_train, "export": cmd_export, "generate": cmd_generate, "edit": cmd_edit, "info": cmd_info, "eval": cmd_eval, "presets": cmd_presets, "samplers": cmd_samplers,
+    "serve": cmd_serve,
 }
 
 
@@ -473,6 +484,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _subparser(subs, "info", "Describe a model: network, conditioning, vocabulary, sampling defaults.")
     p.add_argument("model", nargs="?", default="shapes", help="shipped model name or model folder")
+
+    p = _subparser(subs, "serve", "Serve an HTTP job API and a web page (needs the serve extra: pip install 'diffuse[serve]').")
+    p.add_argument("--model", action="append", help="shipped model name or model folder (repeatable); default: shapes")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (non-loopback needs --token)")
+    p.add_argument("--port", type=int, default=7860, help="port to listen on")
+    p.add_argument("--max-queue", type=int, default=32, help="queued jobs before new ones get 429 Too Many Requests")
+    p.add_argument("--max-batch", type=int, default=8, help="most images sampled together (one job's batch at most this)")
+    p.add_argument("--keep-jobs", type=int, default=100, help="finished jobs kept in memory (oldest evicted)")
+    p.add_argument("--token", help="require 'Authorization: Bearer TOKEN' on every route but the page")
+    p.add_argument("--out", help="also write every result PNG to this folder, named JOBID-N.png")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
 
     _subparser(subs, "presets", "List training presets.")
     _subparser(subs, "samplers", "List samplers, their options, and sigma schedules.")

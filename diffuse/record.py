@@ -65,14 +65,20 @@ def a1111_parameters(record: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def png_info(record: dict[str, Any]) -> PngImagePlugin.PngInfo:
+    """The two text chunks (``parameters``, ``diffuse``) for ``Image.save(..., pnginfo=...)``."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", a1111_parameters(record))
+    info.add_itxt("diffuse", json.dumps(record, sort_keys=True))
+    return info
+
+
 def save_png(image: Image.Image, path: Path, record: dict[str, Any], *, overwrite: bool = False) -> Path:
     """Write ``image`` to ``path`` with both text chunks; an existing file is an error unless ``overwrite``."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass --overwrite to replace it or choose another --out")
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", a1111_parameters(record))
-    info.add_itxt("diffuse", json.dumps(record, sort_keys=True))
+    info = png_info(record)
     tmp = path.with_name(path.name + ".incomplete")
     image.save(tmp, format="PNG", pnginfo=info)
     tmp.replace(path)

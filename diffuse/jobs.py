@@ -1,0 +1,283 @@
+"""The server's job queue: a bounded queue of jobs and one worker thread that runs them on the model.
+
+A job kind is one function ``run(pipe, jobs, callback) -> list[list[Generated]]`` (one result list
+per job) registered with :func:`kind`; the worker batches queued jobs of the same kind, model and
+``params.batch_key()`` into one call. Cancelling a job sets a flag that the sampler callback checks
+after every solver step; when every job of the running batch is cancelled the callback raises
+:class:`Cancelled`, which is safe because samplers never change their input in place.
+Finished jobs are kept up to ``keep`` of them (oldest evicted first), so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import io
+import math
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable, Optional, Protocol, Sequence
+
+from PIL import Image
+
+from .pipeline import Generated, Pipeline, SampleSettings
+from .plot import to_uint8
+from .record import png_info
+from .steps import StepInfo
+
+FINAL = ("done", "failed", "cancelled")
+
+
+class Params(Protocol):
+    model: str
+    images: int
+
+    def batch_key(self) -> Hashable: ...
+
+
+class Cancelled(Exception):
+    """Raised from the sampler callback when every job of the running batch is cancelled."""
+
+
+class QueueFull(Exception):
+    def __init__(self, retry_after: int):
+        super().__init__(f"the queue is full; retry in {retry_after} s")
+        self.retry_after = retry_after
+
+
+@dataclass
+class Job:
+    id: str
+    kind: str
+    params: Any
+    created: float = field(default_factory=time.time)
+    status: str = "queued"
+    step: int = 0
+    steps: int = 0
+    nfe: int = 0
+    started: Optional[float] = None
+    finished: Optional[float] = None
+    eta_s: Optional[float] = None
+    error: Optional[str] = None
+    records: list[dict[str, Any]] = field(default_factory=list)  # one generation record per result image
+    pngs: list[bytes] = field(default_factory=list)  # the result images as PNG files with their records
+    preview: Optional[str] = None  # base64 PNG of the latest denoised estimate of the job's first image
+    version: int = 0  # bumped on every change (the event stream watches it)
+    cancel_requested: bool = False
+
+
+Runner = Callable[[Pipeline, Sequence[Job], Callable[[StepInfo], None]], list[list[Generated]]]
+KINDS: dict[str, Runner] = {}
+
+
+def kind(name: str) -> Callable[[Runner], Runner]:
+    """Register a job kind's runner under ``name``."""
+    def register(fn: Runner) -> Runner:
+        KINDS[name] = fn
+        return fn
+    return register
+
+
+@dataclass(frozen=True)
+class GenerateParams:
+    """A text-to-image (or class-to-image) job: ``images`` seeds starting at ``seed``."""
+
+    model: str
+    prompt: Optional[str]
+    negative_prompt: Optional[str]
+    class_label: Optional[int]
+    seed: int
+    images: int
+    settings: SampleSettings
+    size: int
+
+    def batch_key(self) -> Hashable:
+        s = self.settings
+        return (s.sampler, s.steps, s.schedule, s.cfg, s.cfg_rescale, s.cfg_interval, tuple(sorted(s.sampler_options.items())),
+                self.size, self.negative_prompt)
+
+
+@kind("generate")
+def run_generate(pipe: Pipeline, jobs: Sequence[Job], callback: Callable[[StepInfo], None]) -> list[list[Generated]]:
+    seeds: list[int] = []
+    prompts: list[Optional[str]] = []
+    labels: list[Optional[int]] = []
+    for job in jobs:
+        p: GenerateParams = job.params
+        seeds += range(p.seed, p.seed + p.images)
+        prompts += [p.prompt] * p.images
+        labels += [p.class_label] * p.images
+    first: GenerateParams = jobs[0].params
+    out = pipe.generate_batch(seeds, prompts=None if prompts[0] is None else prompts, negative=first.negative_prompt,
+                              class_labels=None if labels[0] is None else labels, settings=first.settings,
+                              size=first.size, batch_size=len(seeds), callback=callback)
+    split, start = [], 0
+    for job in jobs:
+        split.append(out[start:start + job.params.images])
+        start += job.params.images
+    return split
+
+
+def png_bytes(g: Generated) -> bytes:
+    """The image as PNG bytes with its two record chunks (the same file `diffuse generate` writes)."""
+    buf = io.BytesIO()
+    g.image.save(buf, format="PNG", pnginfo=png_info(g.record))
+    return buf.getvalue()
+
+
+def preview_png(denoised) -> str:
+    """Base64 PNG of one denoised estimate [C, H, W] in [-1, 1]."""
+    arr = to_uint8(denoised[None])[0]
+    buf = io.BytesIO()
+    Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+class JobQueue:
+    """At most ``max_queue`` queued jobs; one worker thread runs batches of up to ``max_batch`` images."""
+
+    def __init__(self, pipes: dict[str, Pipeline], *, max_queue: int = 32, max_batch: int = 8, keep: int = 100,
+                 on_result: Optional[Callable[[Job], None]] = None):
+        if max_queue < 1 or max_batch < 1 or keep < 1:
+            raise ValueError("--max-queue, --max-batch and --keep-jobs must be >= 1")
+        self.pipes = pipes
+        self.max_queue, self.max_batch, self.keep = max_queue, max_batch, keep
+        self.on_result = on_result
+        self.jobs: "collections.OrderedDict[str, Job]" = collections.OrderedDict()
+        self.queue: collections.deque[Job] = collections.deque()
+        self.lock = threading.Condition()
+        self.thread: Optional[threading.Thread] = None
+        self.stopping = False
+        self.seconds_per_image = 1.0  # running mean of measured batch times for Retry-After; 1 s until the first batch
+
+    # ------------------------------------------------ client side
+
+    def submit(self, kind_name: str, params: Params) -> Job:
+        if kind_name not in KINDS:
+            raise ValueError(f"unknown job kind {kind_name!r}; known kinds: {', '.join(KINDS)}")
+        with self.lock:
+            if len(self.queue) >= self.max_queue:
+                # a place frees up when the worker takes the next batch, i.e. when the running batch ends
+                raise QueueFull(max(1, math.ceil(self.seconds_per_image * self.max_batch)))
+            job = Job(uuid.uuid4().hex, kind_name, params)
+            self.jobs[job.id] = job
+            self.queue.append(job)
+            self.lock.notify_all()
+            return job
+
+    def get(self, job_id: str) -> Optional[Job]:
+        with self.lock:
+            return self.jobs.get(job_id)
+
+    def cancel(self, job_id: str) -> Optional[Job]:
+        """Cancel a queued or running job (a finished job is left as it is)."""
+        with self.lock:
+            job = self.jobs.get(job_id)
+            if job is None or job.status in FINAL:
+                return job
+            job.cancel_requested = True
+            if job in self.queue:
+                self.queue.remove(job)
+            self._finish(job, "cancelled")
+            return job
+
+    # ------------------------------------------------ worker side
+
+    def start(self) -> None:
+        self.stopping = False
+        self.thread = threading.Thread(target=self._work, name="diffuse-worker", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        with self.lock:
+            self.stopping = True
+            for job in list(self.queue):
+                self._finish(job, "cancelled")
+            self.queue.clear()
+            for job in self.jobs.values():
+                job.cancel_requested = True
+            self.lock.notify_all()
+        if self.thread is not None:
+            self.thread.join()
+
+    def _finish(self, job: Job, status: str, error: Optional[str] = None) -> None:
+        """Mark a job finished (lock held) and evict the oldest finished jobs beyond ``keep``."""
+        job.status, job.error, job.finished, job.eta_s = status, error, time.time(), None
+        job.version += 1
+        self.lock.notify_all()
+        finished = [j for j in self.jobs.values() if j.status in FINAL]
+        for old in finished[:max(0, len(finished) - self.keep)]:
+            del self.jobs[old.id]
+
+    def _next_batch(self) -> list[Job]:
+        """The oldest queued job and the queued jobs that can share its call (lock held)."""
+        head = self.queue.popleft()
+        batch, total = [head], head.params.images
+        key = (head.kind, head.params.model, head.params.batch_key())
+        for job in list(self.queue):
+            if total + job.params.images <= self.max_batch and (job.kind, job.params.model, job.params.batch_key()) == key:
+                self.queue.remove(job)
+                batch.append(job)
+                total += job.params.images
+        now = time.time()
+        for job in batch:
+            job.status, job.started = "running", now
+            job.version += 1
+        return batch
+
+    def _work(self) -> None:
+        while True:
+            with self.lock:
+                while not self.queue and not self.stopping:
+                    self.lock.wait()
+                if self.stopping:
+                    return
+                batch = self._next_batch()
+            self._run(batch)
+
+    def _run(self, batch: list[Job]) -> None:
+        start = time.time()
+
+        def callback(info: StepInfo) -> None:
+            elapsed = time.time() - start
+            with self.lock:
+                live = [j for j in batch if not j.cancel_requested]
+                if not live:
+                    raise Cancelled()
+                offset = 0
+                for job in batch:
+                    if not job.cancel_requested:
+                        job.step, job.steps, job.nfe = info.i + 1, info.n, info.nfe
+                        job.eta_s = elapsed / (info.i + 1) * (info.n - info.i - 1)
+                        job.preview = preview_png(info.denoised[offset])
+                        job.version += 1
+                    offset += job.params.images
+                self.lock.notify_all()
+
+        pipe = self.pipes[batch[0].params.model]
+        try:
+            results = KINDS[batch[0].kind](pipe, batch, callback)
+        except Cancelled:
+            return
+        except Exception as e:  # a job's failure is reported on the job; the worker keeps serving
+            with self.lock:
+                for job in batch:
+                    if job.status not in FINAL:
+                        self._finish(job, "failed", f"{type(e).__name__}: {e}")
+            return
+        pngs = [[png_bytes(g) for g in r] for r in results]
+        with self.lock:
+            images = sum(len(r) for r in results)
+            self.seconds_per_image = 0.5 * self.seconds_per_image + 0.5 * (time.time() - start) / max(1, images)
+            for job, result, data in zip(batch, results, pngs):
+                if job.status in FINAL:  # cancelled while its batch-mates ran on
+                    continue
+                job.records, job.pngs = [g.record for g in result], data
+                job.step = job.steps
+                self._finish(job, "done")
+        if self.on_result is not None:
+            for job in batch:
+                if job.status == "done":
+                    self.on_result(job)
