@@ -6,7 +6,9 @@ holds a hash of every other byte of the file plus two assertions:
 * ``c2pa.actions``: ``c2pa.created`` with IPTC digitalSourceType ``trainedAlgorithmicMedia``
   (an edit, record kind other than "generate", is ``c2pa.edited`` with
   ``compositeWithTrainedAlgorithmicMedia``), and diffuse as the software agent;
-* ``org.diffuse.generation``: the generation record, the same JSON as the PNG's ``diffuse`` chunk.
+* ``org.diffuse.generation``: ``{"record": JSON}``, the generation record as the same JSON text
+  as the PNG's ``diffuse`` chunk. (It is kept as a string because the SDK's JSON-to-CBOR
+  conversion turns arrays of numbers, such as the sigmas, into byte strings.)
 
 Changing any byte outside the manifest (pixels, text chunks) breaks the hash; changing the
 manifest breaks the signature. ``diffuse keys init`` makes a development certificate chain
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import datetime
 import io
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,7 +142,7 @@ def manifest_for(record: dict[str, Any], title: str) -> dict[str, Any]:
         "format": "image/png",
         "assertions": [
             {"label": "c2pa.actions", "data": {"actions": [action]}},
-            {"label": ASSERTION_LABEL, "data": record},
+            {"label": ASSERTION_LABEL, "data": {"record": json.dumps(record, sort_keys=True)}},
         ],
     }
 
@@ -232,6 +235,6 @@ def read_credentials(path: Path, trust_anchors: Optional[bytes] = None) -> Crede
         if assertion.get("label", "").startswith("c2pa.actions"):
             actions += [a.get("action", "?") for a in assertion.get("data", {}).get("actions", [])]
         elif assertion.get("label") == ASSERTION_LABEL:
-            record = assertion.get("data")
+            record = json.loads(assertion.get("data", {}).get("record", "null"))
     return CredentialReport(True, state, failures, signer, actions, record)
 
