@@ -4,7 +4,7 @@ photographs, and the per-image cost of watermarking and of C2PA signing/verifica
     python bench/provenance.py                 # prints Markdown tables for bench/RESULTS.md
     python bench/provenance.py --generated 0   # skip the shipped-model images (slow on CPU)
 
-Marked images: the scikit-image photographs (center-cropped square, resized to 256 and 512)
+Marked images: the scikit-image photographs (center-cropped square, resized to 256x256)
 and ``--generated`` images of the shipped shapes model at 256x256. Each edit is read two
 ways: ``raw`` decodes the edited image as it is; ``detect`` is what ``diffuse verify`` does
 (also tries the sizes the image may have been generated at).
@@ -113,7 +113,7 @@ def main() -> None:
     args = ap.parse_args()
 
     photos = photographs()
-    originals = {f"{name} {s}": square(im, s) for name, im in photos.items() for s in (256, 512)}
+    originals = {f"{name} 256": square(im, 256) for name, im in photos.items()}
     for i, im in enumerate(generated_images(args.generated)):
         originals[f"shapes model #{i} 256"] = im
     marked = {k: watermark.embed(v) for k, v in originals.items()}
