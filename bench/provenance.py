@@ -132,10 +132,11 @@ def main() -> None:
             edited = fn(im)
             raw.append(watermark.bit_matches(edited) / 64 if not watermark.too_small(*edited.size) else float("nan"))
             found = watermark.detect(edited)
-            best.append(found.accuracy)
+            best.append(found.accuracy if found.size is not None else float("nan"))
             hits += found.present
         raw_text = "n/a (too small)" if all(np.isnan(raw)) else f"{np.nanmean(raw):.3f}"
-        print(f"| {edit} | {raw_text} | {np.mean(best):.3f} | {hits}/{len(marked)} |")
+        best_text = "n/a (too small)" if all(np.isnan(best)) else f"{np.nanmean(best):.3f}"
+        print(f"| {edit} | {raw_text} | {best_text} | {hits}/{len(marked)} |")
 
     print("\nFalse positives: `detect` (all candidate sizes) on unmarked images:\n")
     unmarked = {**{f"{k} (full {v.width}x{v.height})": v for k, v in photos.items()}, **originals}
