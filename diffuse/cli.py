@@ -34,6 +34,10 @@ EXAMPLES = {
              "  diffuse serve --model shapes --host 0.0.0.0 --token \"$(openssl rand -hex 16)\"",
     "adherence": "diffuse eval adherence --model shapes --n-per-family 200 --cfg 3 --json adherence.json\n"
                  "  diffuse eval adherence --images out/",
+    "replay": "diffuse replay out/a-red-circle-s0.png\n  diffuse replay image.png --model models/my-shapes --tolerance 0.5",
+    "verify": "diffuse verify out/a-red-circle-s0.png --trust keys/root.pem",
+    "init": "diffuse keys init --out keys/",
+    "keys": "diffuse keys init --out keys/\n  diffuse generate \"a red circle\" --size 256 --sign keys/ --out out/",
 }
 
 
@@ -123,6 +127,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError(f"the prompt is {len(args.prompt)} characters long; keep it under 1000")
     seeds = parse_seeds(args.seed)
     pipe = Pipeline.load(args.model)
+    keys = _provenance_options(pipe, args)
     settings = _sample_settings(pipe, args)
     out = _writable_folder(Path(args.out))
     stem = _slug(args.prompt) if args.prompt else f"{pipe.name}-class{args.class_label}"
@@ -137,7 +142,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     bar.close()
     for item, path in zip(images, paths):
         item.save(path, overwrite=args.overwrite)
+        if keys is not None:
+            from .credentials import sign_png
+
+            sign_png(path, keys, item.record)
         print(path)
+    if not images[0].record["watermark"]["applied"] and not args.quiet:
+        print(f"note: no invisible watermark was added: {images[0].record['watermark']['reason']}", file=sys.stderr)
     if args.grid:
         import numpy as np
 
@@ -151,6 +162,42 @@ def cmd_edit(args: argparse.Namespace) -> int:
     from .edit import run_edit
 
     return run_edit(args)
+
+
+def _provenance_options(pipe: "Pipeline", args: argparse.Namespace):
+    """Apply --blocklist and --no-watermark to the pipeline; the signing keys of --sign (or None)."""
+    from .credentials import SigningKeys
+    from .safety import PromptFilter
+
+    if args.blocklist is not None:
+        pipe.prompt_filter = None if args.blocklist == "none" else PromptFilter.load(args.blocklist)
+    pipe.watermark = not args.no_watermark
+    return SigningKeys.load(Path(args.sign)) if args.sign else None
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from .replay import replay
+
+    report = replay(args.image, model=args.model, device=args.device, tolerance=args.tolerance)
+    print("\n".join(report.lines()))
+    return 0 if report.matched else 1
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .verify import verify
+
+    result = verify(args.image, Path(args.trust).read_bytes() if args.trust else None)
+    print("\n".join(result.lines()))
+    return 0 if result.ok else 1
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from .credentials import init_keys
+
+    out = init_keys(Path(args.out), common_name=args.name, days=args.days, overwrite=args.overwrite)
+    print(f"wrote a development certificate chain to {out} (chain.pem, signer.key, root.pem); it is self-signed, "
+          f"so verifiers call it untrusted unless given --trust {out / 'root.pem'}")
+    return 0
 
 
 def _guidance_scales(spec: str) -> list[float]:
@@ -363,6 +410,7 @@ def cmd_samplers(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "train": cmd_train, "export": cmd_export, "generate": cmd_generate, "edit": cmd_edit, "info": cmd_info, "eval": cmd_eval, "presets": cmd_presets, "samplers": cmd_samplers,
     "serve": cmd_serve,
+    "replay": cmd_replay, "verify": cmd_verify, "keys": cmd_keys,
 }
 
 
@@ -434,6 +482,9 @@ def build_parser() -> argparse.ArgumentParser:
     _generation_flags(p)
     p.add_argument("--size", type=int, help="image size in pixels; default: the model's native size")
     p.add_argument("--grid", action="store_true", help="also write a grid of all images")
+    p.add_argument("--no-watermark", action="store_true", help="do not add the invisible watermark (recorded in the PNG)")
+    p.add_argument("--sign", metavar="KEYDIR", help="sign each PNG with C2PA content credentials (chain.pem + signer.key in KEYDIR)")
+    p.add_argument("--blocklist", metavar="FILE", help="prompt block list replacing the default one ('none': no list)")
 
     p = _subparser(subs, "edit", "Edit an image: img2img (SDEdit), inpaint, outpaint, invert.")
     edits = p.add_subparsers(dest="edit", metavar="EDIT")
@@ -495,6 +546,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", help="require 'Authorization: Bearer TOKEN' on every route but the page")
     p.add_argument("--out", help="also write every result PNG to this folder, named JOBID-N.png")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+
+    p = _subparser(subs, "replay", "Regenerate a PNG from its generation record and compare the pixels "
+                   "(bit-exact on the same software, else within --tolerance); exit status 1 when they differ.")
+    p.add_argument("image", help="PNG written by diffuse generate")
+    p.add_argument("--model", help="model folder, when the record's model is not a shipped one")
+    p.add_argument("--device", default="cpu", help="device to regenerate on")
+    p.add_argument("--tolerance", type=float, default=1.0, help="largest mean |pixel difference| (8-bit levels) accepted "
+                   "when the software differs from the record's")
+
+    p = _subparser(subs, "verify", "Report an image's invisible watermark, C2PA content credentials and generation "
+                   "record; exit status 1 when nothing is found or the file was tampered with.")
+    p.add_argument("image", help="image file (PNG, JPEG, ...)")
+    p.add_argument("--trust", metavar="ROOT.pem", help="trust this root certificate (e.g. keys/root.pem from `diffuse keys init`)")
+
+    p = _subparser(subs, "keys", "Make signing keys for content credentials.")
+    actions = p.add_subparsers(dest="action", metavar="ACTION")
+    actions.required = True
+    p = _subparser(actions, "init", "Write a self-signed development certificate chain (ES256): chain.pem, signer.key, root.pem.")
+    p.add_argument("--out", default="keys", help="folder for the keys")
+    p.add_argument("--name", default="diffuse development signer", help="common name of the signing certificate")
+    p.add_argument("--days", type=int, default=365, help="validity of the certificates in days")
+    p.add_argument("--overwrite", action="store_true", help="replace existing keys")
 
     _subparser(subs, "presets", "List training presets.")
     _subparser(subs, "samplers", "List samplers, their options, and sigma schedules.")

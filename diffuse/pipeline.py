@@ -8,6 +8,7 @@ and settings only, never on the batch it was drawn in.
 from __future__ import annotations
 
 import math
+import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -15,7 +16,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from PIL import Image
 
-from . import __version__, rng, schedules
+from . import __version__, rng, safety, schedules, watermark
 from .codec import Codec, PixelCodec
 from .guidance import CFGDenoiser
 from .model import DiffusionModel
@@ -126,6 +127,9 @@ class Pipeline:
         self.defaults = SampleSettings(**(defaults or {}))
         self.device = device
         self.codec: Codec = PixelCodec(model.cfg.channels)  # images <-> the space the model denoises (edits use it)
+        self.prompt_filter: Optional[safety.PromptFilter] = safety.PromptFilter.default()  # None: no block list
+        self.image_check: Optional[safety.ImageCheck] = None  # output classifier hook (none ships)
+        self.watermark = True  # invisible watermark on images of at least 256x256 (recorded either way)
 
     @classmethod
     def load(cls, name_or_path: str | Path = "shapes", device: str = "cpu") -> "Pipeline":
@@ -180,9 +184,12 @@ class Pipeline:
                               negative=[negative] * len(chunk) if negative is not None else None, labels=chunk_labels)
             for i, (seed, arr) in enumerate(zip(chunk, to_uint8(images))):
                 image = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
+                safety.check_image(self.image_check, image, seed)
+                image, mark = watermark.mark_generated(image, self.watermark)
                 prompt = chunk_prompts[i] if chunk_prompts is not None else None
                 label = chunk_labels[i] if chunk_labels is not None else None
-                out.append(Generated(image, seed, self.record(prompt, negative, label, seed, settings, res, sigma_list)))
+                out.append(Generated(image, seed, {**self.record(prompt, negative, label, seed, settings, res, sigma_list),
+                                                   "watermark": mark}))
         return out
 
     # edits (diffuse.edit): the input is encoded with self.codec, edited in model space and decoded
@@ -207,7 +214,10 @@ class Pipeline:
         return invert(self, image, prompt, **options)
 
     def check_prompt(self, prompt: Optional[str], negative: Optional[str]) -> None:
-        """Refuse empty prompts and words the model never learned (naming them)."""
+        """Refuse prompts the block list forbids (naming the rule), empty prompts and words the model never learned."""
+        if self.prompt_filter is not None:
+            self.prompt_filter.check(prompt, "prompt")
+            self.prompt_filter.check(negative, "negative prompt")
         if self.model.cfg.conditioning != "text":
             return
         if prompt is None or not prompt.strip():
@@ -221,9 +231,10 @@ class Pipeline:
     def record(self, prompt: Optional[str], negative: Optional[str], class_label: Optional[int], seed: int,
                settings: SampleSettings, size: int, sigmas: list[float]) -> dict[str, Any]:
         return {
-            "prompt": prompt, "negative_prompt": negative, "class_label": class_label, "seed": seed,
+            "kind": "generate", "prompt": prompt, "negative_prompt": negative, "class_label": class_label, "seed": seed,
             "sampler": settings.sampler, "sampler_options": settings.sampler_options, "steps": settings.steps,
             "schedule": settings.schedule, "sigmas": sigmas, "cfg": settings.cfg,
             "cfg_rescale": settings.cfg_rescale, "cfg_interval": settings.cfg_interval, "width": size, "height": size,
             "model": self.name, "model_hash": self.model_hash, "diffuse_version": __version__, "torch_version": torch.__version__,
+            "device": self.device, "machine": platform.machine(),
         }
