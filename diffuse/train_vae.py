@@ -202,3 +202,23 @@ def export_vae(run_dir: Path, out: Path, *, overwrite: bool = False) -> tuple[Pa
     extra = {"training": {"run": run_dir.name, "step": state["step"], "nimg": state["nimg"], "data": cfg.train.data,
                           "image_size": cfg.image_size, "psnr": quality, "stats_images": len(images)}}
     return codec.save(Path(out), overwrite=overwrite, extra=extra), {"scale": scale, "shift": shift, "psnr": quality}
+
+
+def run_cli(args: Any) -> int:
+    """``diffuse train-vae``: train (or resume) a VAE run, then export it when ``--export`` is given."""
+    if args.resume and (args.preset or args.data):
+        raise ValueError("--resume continues a run with its saved config; drop --preset and --data (only --max-steps may change)")
+    cfg = None
+    if not args.resume:
+        cfg = vae_preset(args.preset or "vae-tiny")
+        if args.data:
+            cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, data=args.data))
+    if args.max_steps is not None and args.max_steps < 1:
+        raise ValueError(f"--max-steps must be >= 1, got {args.max_steps}")
+    result = train_vae(cfg, Path(args.out), resume=args.resume, max_steps=args.max_steps)
+    print(f"trained the VAE to step {result.step} (last loss {result.last_loss:.4f}); run folder: {result.run_dir}")
+    if args.export:
+        folder, info = export_vae(Path(args.out), Path(args.export), overwrite=args.overwrite)
+        print(f"VAE folder: {folder} (latent scale {info['scale']:.4f}, shift {info['shift']:.4f}, "
+              f"reconstruction PSNR {info['psnr']:.2f} dB)")
+    return 0
