@@ -26,6 +26,7 @@ EXAMPLES = {
     "outpaint": 'diffuse edit outpaint --image in.png --extend left=16,right=16 --model my-model --prompt "..." --out out/',
     "invert": 'diffuse edit invert --image in.png --prompt "a red circle" --target-prompt "a blue circle" --steps 50 --out out/',
     "presets": "diffuse presets",
+    "train-vae": "diffuse train-vae --preset vae-shapes-f4 --out runs/vae --export models/vae-shapes\n  diffuse train-vae --preset vae-folder-f8 --data folder:photos --out runs/vae-photos\n  diffuse train-vae --out runs/vae --resume --max-steps 6000 --export models/vae-shapes --overwrite",
     "info": "diffuse info shapes",
     "samplers": "diffuse samplers",
     "eval": "diffuse eval adherence --model shapes --n-per-family 50 --guidance-sweep 1,2,3,4,6",
@@ -72,6 +73,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train(cfg, Path(args.out), resume=args.resume, max_steps=args.max_steps, device=args.device)
     print(f"trained to step {result.step} (last loss {result.last_loss:.4f}, {result.bad_steps} skipped steps); run folder: {result.run_dir}")
     return 0
+
+
+def cmd_train_vae(args: argparse.Namespace) -> int:
+    from .train_vae import run_cli
+
+    return run_cli(args)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -411,6 +418,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "train": cmd_train, "export": cmd_export, "generate": cmd_generate, "edit": cmd_edit, "info": cmd_info, "eval": cmd_eval, "presets": cmd_presets, "samplers": cmd_samplers,
     "serve": cmd_serve,
     "replay": cmd_replay, "verify": cmd_verify, "keys": cmd_keys,
+    "train-vae": cmd_train_vae,
 }
 
 
@@ -466,6 +474,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (overrides train.max_steps)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
+
+    p = _subparser(subs, "train-vae", "Train a KL autoencoder for latent diffusion; --export writes a VAE folder.")
+    p.add_argument("--preset", help="vae-tiny (default), vae-shapes-f4 (64x64 -> 16x16x4) or vae-folder-f8")
+    p.add_argument("--data", help="dataset: shapes, digits or folder:PATH (default: the preset's)")
+    p.add_argument("--out", required=True, help="run folder (config, checkpoints/, samples/ reconstructions, metrics.csv)")
+    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    p.add_argument("--export", metavar="DIR", help="then write a VAE folder (latent scale/shift measured on the data)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --export folder")
 
     p = _subparser(subs, "export", "Write a model folder (EMA weights + config + tokenizer) from a run.")
     p.add_argument("run_dir", help="training run folder")

@@ -33,8 +33,9 @@ class ModelConfig:
     num_classes: int = 0
     text_encoder: str = "builtin"
     text_config: dict[str, Any] = field(default_factory=dict)
-    channels: int = 3
-    image_size: int = 32
+    channels: int = 3  # channels the denoiser works on (latent channels for a latent model)
+    image_size: int = 32  # side the denoiser works on (latent side for a latent model)
+    codec: str = ""  # "" = pixels; else a VAE folder: a path when training, "vae" (inside the model folder) once exported
 
     def __post_init__(self) -> None:
         if self.conditioning not in CONDITIONINGS:
@@ -202,6 +203,24 @@ def presets() -> dict[str, RunConfig]:
             model=ModelConfig(backbone_config=_unet("small", num_res_blocks=1, text_dim=TEXT_SMALL["dim"]), conditioning="text",
                               text_config=dict(TEXT_SMALL)),
             train=TrainConfig(data="shapes", dataset_size=1_000_000, batch_size=64, max_steps=8000, warmup_steps=300, lr=5e-4,
+                              checkpoint_every=250, sample_every=500, ema_halflife_nimg=25_000.0),
+        ),
+        # latent diffusion on the shapes world at 64x64: a factor-4 VAE (train it first with
+        # `diffuse train-vae --preset vae-shapes-f4 --export models/vae-shapes`) gives 16x16x4 latents
+        "latent-shapes-t2i": RunConfig(
+            model=ModelConfig(backbone_config=_unet("small", image_size=16, in_channels=4, out_channels=4, num_res_blocks=1,
+                                                    attention_resolutions=[8], text_dim=TEXT_SMALL["dim"]),
+                              conditioning="text", text_config=dict(TEXT_SMALL), channels=4, image_size=16,
+                              sigma_data=1.0, codec="models/vae-shapes"),
+            train=TrainConfig(data="shapes", dataset_size=1_000_000, batch_size=64, max_steps=8000, warmup_steps=300, lr=5e-4,
+                              checkpoint_every=250, sample_every=500, ema_halflife_nimg=25_000.0),
+        ),
+        # latent diffusion on an image folder (--set train.data=folder:PATH) with a factor-8 VAE at 64x64 (8x8x4 latents)
+        "latent-folder": RunConfig(
+            model=ModelConfig(backbone_config=_unet("small", image_size=8, in_channels=4, out_channels=4, channel_mult=[1, 2],
+                                                    num_res_blocks=2, attention_resolutions=[4]),
+                              channels=4, image_size=8, sigma_data=1.0, codec="models/vae-folder"),
+            train=TrainConfig(data="folder:images", batch_size=32, max_steps=10_000, warmup_steps=300, lr=2e-4,
                               checkpoint_every=250, sample_every=500, ema_halflife_nimg=25_000.0),
         ),
         # a diffusion transformer on the same task (adaLN-Zero, cross-attention to text)

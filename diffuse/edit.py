@@ -278,7 +278,7 @@ def _check_canvas(pipe: "Pipeline", height: int, width: int, what: str, fix: str
     if height % factor:
         raise ValueError(f"{what} is {width}x{height}, not a multiple of the codec's factor {factor}; {fix}")
     try:
-        pipe.check_size(height // factor)
+        pipe.check_size(height)
     except ValueError as e:
         raise ValueError(f"{what}: {e}; {fix}") from None
 

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from . import __version__, rng, safety, schedules, watermark
-from .codec import Codec, PixelCodec
+from .codec import Codec, PixelCodec, VAECodec
 from .guidance import CFGDenoiser
 from .model import DiffusionModel
 from .plot import to_uint8
@@ -67,10 +67,15 @@ def guided_denoiser(model: DiffusionModel, settings: SampleSettings, batch: int,
 def generate(model: DiffusionModel, settings: SampleSettings, seeds: Sequence[int], *,
              prompts: Optional[Sequence[str]] = None, negative: Optional[Sequence[str]] = None,
              labels: Optional[Sequence[int]] = None, size: Optional[int] = None,
-             callback: Optional[Callable[[StepInfo], None]] = None) -> torch.Tensor:
-    """Sample len(seeds) images [B, C, H, W] in [-1, 1] (float32)."""
+             callback: Optional[Callable[[StepInfo], None]] = None, codec: Optional[Codec] = None) -> torch.Tensor:
+    """Sample len(seeds) images [B, C, H, W] in [-1, 1] (float32); ``size`` is in pixels.
+
+    With a latent ``codec`` the sampler runs on latents [B, latent_channels, size/f, size/f]
+    (the model's own channels and side) and the result is decoded to pixels.
+    """
     device = next(model.parameters()).device
-    res = size or model.cfg.image_size
+    factor = codec.factor if codec is not None else 1
+    res = size // factor if size else model.cfg.image_size
     batch = len(seeds)
     denoiser, cond = guided_denoiser(model, settings, batch, prompts=prompts, negative=negative, labels=labels)
     sigmas = settings.sigmas(model)
@@ -78,6 +83,8 @@ def generate(model: DiffusionModel, settings: SampleSettings, seeds: Sequence[in
     x = rng.randn((batch, model.cfg.channels, res, res), generators, device=device) * float(sigmas[0])
     sampler = get_sampler(settings.sampler)
     out = sampler(denoiser, x, sigmas, cond, generator=generators, callback=callback, **settings.sampler_options)
+    if codec is not None:
+        out = codec.decode(out)
     return out.clamp(-1, 1)
 
 
@@ -120,13 +127,14 @@ class Pipeline:
     """
 
     def __init__(self, model: DiffusionModel, name: str, model_hash: str, defaults: Optional[dict[str, Any]] = None,
-                 device: str = "cpu"):
+                 device: str = "cpu", codec: Optional[Codec] = None):
         self.model = model.to(device)
+        # images <-> the space the model denoises (pixels, or a VAE's latents); generate and edits use it
+        self.codec: Codec = codec or PixelCodec(model.cfg.channels)
         self.name = name
         self.model_hash = model_hash
         self.defaults = SampleSettings(**(defaults or {}))
         self.device = device
-        self.codec: Codec = PixelCodec(model.cfg.channels)  # images <-> the space the model denoises (edits use it)
         self.prompt_filter: Optional[safety.PromptFilter] = safety.PromptFilter.default()  # None: no block list
         self.image_check: Optional[safety.ImageCheck] = None  # output classifier hook (none ships)
         self.watermark = True  # invisible watermark on images of at least 256x256 (recorded either way)
@@ -136,14 +144,15 @@ class Pipeline:
         """Load a shipped model by name or a model folder by path; its config's "sampling" block sets the defaults."""
         folder = resolve_model(name_or_path)
         model, config = DiffusionModel.load(folder)
-        return cls(model, folder.name, file_hash(folder / "model.safetensors"), config.get("sampling"), device)
+        codec = VAECodec.load(folder / model.cfg.codec) if model.cfg.codec else None
+        return cls(model, folder.name, file_hash(folder / "model.safetensors"), config.get("sampling"), device, codec)
 
     def check_size(self, size: int) -> int:
         """The model's native size, or another size its backbone can make (a clear error otherwise)."""
-        native = self.model.cfg.image_size
+        native = self.model.cfg.image_size * self.codec.factor
         if size == native:
             return size
-        factor = self.model.size_factor()
+        factor = (self.model.size_factor() or 0) * self.codec.factor or None
         if factor is None or size < factor or size % factor:
             can = f"multiples of {factor}" if factor else f"only {native}"
             raise ValueError(f"this model cannot make {size}x{size} images; it makes {native}x{native} ({can})")
@@ -171,7 +180,7 @@ class Pipeline:
         for name, values in (("prompts", prompts), ("class_labels", class_labels)):
             if values is not None and len(values) != len(seeds):
                 raise ValueError(f"got {len(values)} {name} for {len(seeds)} seeds; give one per seed")
-        res = self.check_size(size or self.model.cfg.image_size)
+        res = self.check_size(size or self.model.cfg.image_size * self.codec.factor)
         for prompt in dict.fromkeys(prompts or [None]):
             self.check_prompt(prompt, negative)
         sigma_list = settings.sigmas(self.model).tolist()
@@ -181,7 +190,8 @@ class Pipeline:
             chunk_prompts = prompts[start:start + batch_size] if prompts is not None else None
             chunk_labels = class_labels[start:start + batch_size] if class_labels is not None else None
             images = generate(self.model, settings, chunk, size=res, callback=callback, prompts=chunk_prompts,
-                              negative=[negative] * len(chunk) if negative is not None else None, labels=chunk_labels)
+                              negative=[negative] * len(chunk) if negative is not None else None, labels=chunk_labels,
+                              codec=None if isinstance(self.codec, PixelCodec) else self.codec)
             for i, (seed, arr) in enumerate(zip(chunk, to_uint8(images))):
                 image = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
                 safety.check_image(self.image_check, image, seed)

@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from . import checkpoint
 from .config import RunConfig
+from .codec import VAE_SUBDIR, VAECodec
 from .data import make_dataset
 from .ema import EMA
 from .losses import bucket_edges, bucket_losses, denoising_loss, training_noise
@@ -144,21 +145,36 @@ def drop_conditions(batch: list[dict[str, Any]], cfg: RunConfig, drop: torch.Ten
 
 # ---------------------------------------------------------------- the loop
 
-def open_dataset(cfg: RunConfig) -> Any:
-    """The run's dataset with the options that apply to its kind."""
+def open_codec(cfg: RunConfig) -> Optional[VAECodec]:
+    """The frozen VAE of a latent model (``model.codec`` names its folder), or None for a pixel model."""
+    if not cfg.model.codec:
+        return None
+    codec = VAECodec.load(Path(cfg.model.codec))
+    if codec.latent_channels != cfg.model.channels:
+        raise TrainingError(f"the VAE {cfg.model.codec} makes {codec.latent_channels}-channel latents but model.channels is "
+                            f"{cfg.model.channels}; set model.channels={codec.latent_channels}")
+    return codec
+
+
+def open_dataset(cfg: RunConfig, factor: int = 1) -> Any:
+    """The run's dataset with the options that apply to its kind, at model.image_size * factor pixels
+    (``factor``: the codec's downsampling)."""
     t = cfg.train
     options: dict[str, Any] = {}
     if t.data == "shapes" and t.dataset_size:
         options["length"] = t.dataset_size
     if t.data.startswith("folder:"):
         options["skip_bad_files"] = t.skip_bad_files
-    return make_dataset(t.data, cfg.model.image_size, **options)
+    return make_dataset(t.data, cfg.model.image_size * factor, **options)
 
 
-def prepare_config(cfg: RunConfig, dataset: Any) -> RunConfig:
+def prepare_config(cfg: RunConfig, dataset: Any, codec: Optional[VAECodec] = None) -> RunConfig:
     """Fill in what a fresh run learns from its data (the text vocabulary) and check the match."""
     m = cfg.model
-    if dataset.channels != m.channels:
+    if codec is not None:
+        if dataset.channels != codec.vae.cfg.in_channels:
+            raise TrainingError(f"dataset has {dataset.channels} channels but the VAE {m.codec} encodes {codec.vae.cfg.in_channels}")
+    elif dataset.channels != m.channels:
         raise TrainingError(f"dataset has {dataset.channels} channels but model.channels is {m.channels}; set model.channels={dataset.channels}")
     if m.conditioning == "class" and dataset.num_classes != m.num_classes:
         raise TrainingError(f"dataset has {dataset.num_classes} classes but model.num_classes is {m.num_classes}")
@@ -196,9 +212,10 @@ def train(cfg: Optional[RunConfig], run_dir: Path, *, resume: bool = False, max_
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=max_steps))
 
     t = cfg.train
-    dataset = open_dataset(cfg)
+    codec = open_codec(cfg)
+    dataset = open_dataset(cfg, codec.factor if codec is not None else 1)
     if not resume:
-        cfg = prepare_config(cfg, dataset)
+        cfg = prepare_config(cfg, dataset, codec)
     micro_batch = t.batch_size // t.grad_accum
     if micro_batch % d.world:
         raise TrainingError(f"the micro-batch {micro_batch} (batch_size / grad_accum) must divide among {d.world} processes")
@@ -256,7 +273,8 @@ def train(cfg: Optional[RunConfig], run_dir: Path, *, resume: bool = False, max_
             drop = torch.rand(micro_batch, generator=gen) < t.cond_dropout
             mine = slice(d.rank * local, (d.rank + 1) * local)
             items = [dataset[i] for i in idx[mine]]
-            x0 = torch.stack([it["image"] for it in items]).to(dev)
+            x0 = torch.stack([it["image"] for it in items])
+            x0 = (codec.encode(x0) if codec is not None else x0).to(dev)  # latent models train on scaled VAE latents
             noise = training_noise((micro_batch, *x0.shape[1:]), cfg.loss.offset_noise, gen)[mine].to(dev)
             sync = d.world == 1 or micro == t.grad_accum - 1
             with (nullcontext() if sync else stepper.no_sync()), autocast:
@@ -294,7 +312,7 @@ def train(cfg: Optional[RunConfig], run_dir: Path, *, resume: bool = False, max_
         if step % t.checkpoint_every == 0 or step == t.max_steps:
             save()
         if d.main and (step % t.sample_every == 0 or step == t.max_steps):
-            write_previews(run_dir, step, cfg, ema, dataset)
+            write_previews(run_dir, step, cfg, ema, dataset, codec)
             metrics.plot(run_dir / "loss.png")
     bar.close()
     if d.world > 1:
@@ -345,7 +363,7 @@ def preview_conditions(cfg: RunConfig, dataset: Any) -> dict[str, Any]:
     return {}
 
 
-def write_previews(run_dir: Path, step: int, cfg: RunConfig, ema: EMA, dataset: Any) -> Path:
+def write_previews(run_dir: Path, step: int, cfg: RunConfig, ema: EMA, dataset: Any, codec: Optional[VAECodec] = None) -> Path:
     """Sample a grid from the EMA weights at fixed seeds and save ``samples/step-XXXXXXXX.png``."""
     from .pipeline import SampleSettings, generate
 
@@ -354,10 +372,10 @@ def write_previews(run_dir: Path, step: int, cfg: RunConfig, ema: EMA, dataset: 
     model.eval()
     guided = cfg.model.conditioning != "none"
     images = generate(model, SampleSettings(sampler="dpmpp_2m", steps=20, cfg=2.0 if guided else 1.0), PREVIEW_SEEDS,
-                      **preview_conditions(cfg, dataset))
+                      codec=codec, **preview_conditions(cfg, dataset))
     out = run_dir / "samples" / f"{checkpoint.checkpoint_name(step)}.png"
     out.parent.mkdir(exist_ok=True)
-    image_grid(to_uint8(images), columns=8, scale=max(1, 128 // cfg.model.image_size)).save(out)
+    image_grid(to_uint8(images), columns=8, scale=max(1, 128 // images.shape[-1])).save(out)
     return out
 
 
@@ -371,7 +389,13 @@ def export_run(run_dir: Path, out: Path, *, overwrite: bool = False, dtype: str 
         raise checkpoint.CheckpointError(f"{run_dir} holds no complete checkpoint to export (looked in {run_dir}/checkpoints)")
     cfg = RunConfig.from_dict(checkpoint.read_json(run_dir / RUN_CONFIG))
     tensors, state = checkpoint.load_checkpoint(found[-1], ("ema",))
+    codec = open_codec(cfg)
+    if codec is not None:  # the model folder carries its VAE folder as vae/ (see README, "Latent diffusion")
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, codec=VAE_SUBDIR))
     model = DiffusionModel(cfg.model)
     extra = {"training": {"run": run_dir.name, "step": state["step"], "nimg": state["nimg"], "preset_config": cfg.to_dict()},
              "sampling": sampling or {}}
-    return model.save(Path(out), weights=tensors["ema"], extra=extra, overwrite=overwrite, dtype=getattr(torch, dtype))
+    folder = model.save(Path(out), weights=tensors["ema"], extra=extra, overwrite=overwrite, dtype=getattr(torch, dtype))
+    if codec is not None:
+        codec.save(folder / VAE_SUBDIR)
+    return folder
