@@ -30,7 +30,8 @@ EXAMPLES = {
     "info": "diffuse info shapes",
     "samplers": "diffuse samplers",
     "eval": "diffuse eval adherence --model shapes --n-per-family 50 --guidance-sweep 1,2,3,4,6",
-    "fid": "diffuse eval fid --model digits --ref digits --steps 10\n  diffuse eval fid --images out/ --ref digits",
+    "fid": "diffuse eval fid --model digits --ref digits --steps 10\n  diffuse eval fid --model digits --steps 10 --eps-scaling 1.005 --dcw 0.005\n"
+           "  diffuse eval fid --images out/ --ref digits",
     "serve": "diffuse serve --model shapes --port 7860   (then open http://127.0.0.1:7860/)\n"
              "  diffuse serve --model shapes --host 0.0.0.0 --token \"$(openssl rand -hex 16)\"",
     "adherence": "diffuse eval adherence --model shapes --n-per-family 200 --cfg 3 --json adherence.json\n"
@@ -118,9 +119,18 @@ def _sample_settings(pipe: "Pipeline", args: argparse.Namespace) -> "SampleSetti
 
 
 def _setting_flags(args: argparse.Namespace) -> dict:
-    """The sampling flags the user gave (--sampler, --steps, --cfg, --schedule)."""
-    return {k: v for k, v in (("sampler", args.sampler), ("steps", args.steps), ("cfg", args.cfg), ("schedule", args.schedule))
-            if v is not None}
+    """The sampling flags the user gave (--sampler, --steps, --cfg, --schedule, --eps-scaling[-k], --dcw)."""
+    return {k: v for k, v in (("sampler", args.sampler), ("steps", args.steps), ("cfg", args.cfg), ("schedule", args.schedule),
+                              *((k, getattr(args, k, None)) for k in ("eps_scaling", "eps_scaling_k", "dcw"))) if v is not None}
+
+
+def _correction_flags(p: argparse.ArgumentParser) -> None:
+    """--eps-scaling, --eps-scaling-k, --dcw: the training-free corrections of diffuse.corrections."""
+    p.add_argument("--eps-scaling", type=float, metavar="B", help="epsilon scaling (Ning et al. 2023): divide the noise "
+                   "prediction by lambda = B + K sigma/sigma_max, e.g. 1.005; default: the model's (1 = off)")
+    p.add_argument("--eps-scaling-k", type=float, metavar="K", help="slope K of the epsilon-scaling schedule; default 0 (uniform)")
+    p.add_argument("--dcw", type=float, metavar="L", help="wavelet low-band SNR-t correction strength lambda_l (SNR-t bias "
+                   "paper, 2026), e.g. 0.005 or -0.005; default: the model's (0 = off)")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -242,6 +252,7 @@ def _adherence_of_folder(args: argparse.Namespace) -> dict:
 
     generation_flags = [flag for flag, v in (("--sampler", args.sampler), ("--steps", args.steps), ("--cfg", args.cfg),
                                              ("--schedule", args.schedule), ("--guidance-sweep", args.guidance_sweep),
+                                             ("--eps-scaling", args.eps_scaling), ("--eps-scaling-k", args.eps_scaling_k), ("--dcw", args.dcw),
                                              ("--save-images", args.save_images)) if v]
     if generation_flags:
         raise ValueError(f"{', '.join(generation_flags)} only apply when generating with --model, not with --images")
@@ -348,7 +359,8 @@ def _eval_fid(args: argparse.Namespace) -> int:
         report = evaluate.fid_run(pipe, args.ref, settings, n=args.n, seed_base=args.seed_base, batch_size=args.batch_size,
                                   n_boot=args.n_boot, callback=lambda info: bar.update(len(info.x)))
         bar.close()
-        print(f"model {pipe.name} ({pipe.model_hash}): {settings.sampler}, {settings.steps} steps, cfg {settings.cfg:g}")
+        print(f"model {pipe.name} ({pipe.model_hash}): {settings.sampler}, {settings.steps} steps, cfg {settings.cfg:g}, "
+              f"eps scaling {settings.eps_scaling:g} (k {settings.eps_scaling_k:g}), dcw {settings.dcw:g}")
     lo, hi = report.fid_interval
     klo, khi = report.kid_interval
     print(f"FID {report.fid:.2f} [{lo:.2f}, {hi:.2f}]  KID x1e3 {report.kid * 1e3:.2f} [{klo * 1e3:.2f}, {khi * 1e3:.2f}]  "
@@ -497,6 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _subparser(subs, "generate", "Generate images from a prompt (text models) or a class label (class models).")
     p.add_argument("prompt", nargs="?", help="what to draw, e.g. \"a red circle above a blue square\"")
     _generation_flags(p)
+    _correction_flags(p)
     p.add_argument("--size", type=int, help="image size in pixels; default: the model's native size")
     p.add_argument("--grid", action="store_true", help="also write a grid of all images")
     p.add_argument("--no-watermark", action="store_true", help="do not add the invisible watermark (recorded in the PNG)")
@@ -525,6 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="solver steps; default: the model's")
     p.add_argument("--cfg", type=float, help="classifier-free guidance scale; default: the model's")
     p.add_argument("--schedule", help="sigma schedule; default: the model's")
+    _correction_flags(p)
     p.add_argument("--guidance-sweep", metavar="W1,W2,...", help="evaluate each guidance scale on the same prompts and seeds, e.g. 1,2,3,4,6")
     p.add_argument("--batch-size", type=int, default=16, help="images sampled together (results do not depend on it)")
     p.add_argument("--save-images", action="store_true", help="write the images (PNG with records) and prompts.jsonl to --out")
@@ -544,6 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="solver steps; default: the model's")
     p.add_argument("--cfg", type=float, help="classifier-free guidance scale; default: the model's")
     p.add_argument("--schedule", help="sigma schedule; default: the model's")
+    _correction_flags(p)
     p.add_argument("--batch-size", type=int, default=32, help="images sampled together (results do not depend on it)")
     p.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples for the intervals")
     p.add_argument("--json", metavar="FILE", help="write the report as JSON")

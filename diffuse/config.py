@@ -74,6 +74,11 @@ class TrainConfig:
     keep_checkpoints: int = 2
     max_bad_steps: int = 20
     skip_bad_files: bool = False
+    eval_every: int = 0  # FID (+ adherence for shapes text models) of the EMA weights every K steps; 0 = off
+    eval_n: int = 256  # images for that FID, against the first eval_n training images
+    eval_steps: int = 10  # dpmpp_2m steps per evaluation image
+    eval_cfg: float = 2.0  # guidance scale of evaluation images (conditional models)
+    eval_adherence_per_family: int = 8  # shapes text models: adherence prompts per family
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -81,6 +86,11 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "max_steps", "log_every", "checkpoint_every", "sample_every", "keep_checkpoints", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_every < 0 or self.eval_adherence_per_family < 0:
+            raise ValueError("train.eval_every and train.eval_adherence_per_family must be >= 0 (0 = off)")
+        if self.eval_n < 4 or self.eval_steps < 1:
+            raise ValueError(f"train.eval_n must be >= 4 (precision/recall uses 3 neighbours) and train.eval_steps >= 1, "
+                             f"got {self.eval_n}, {self.eval_steps}")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"train.batch_size {self.batch_size} is not divisible by train.grad_accum {self.grad_accum}")
         if not 0 <= self.cond_dropout < 1:

@@ -18,6 +18,7 @@ from PIL import Image
 
 from . import __version__, rng, safety, schedules, watermark
 from .codec import Codec, PixelCodec, VAECodec
+from .corrections import DCW, EpsScaling, check_dcw, check_eps_scaling
 from .guidance import CFGDenoiser
 from .model import DiffusionModel
 from .plot import to_uint8
@@ -28,7 +29,13 @@ from .steps import StepInfo
 
 @dataclass(frozen=True)
 class SampleSettings:
-    """How to sample: solver, steps, schedule, guidance."""
+    """How to sample: solver, steps, schedule, guidance, training-free corrections.
+
+    ``eps_scaling`` (b) and ``eps_scaling_k`` (k): epsilon scaling with lambda(sigma) =
+    b + k sigma / sigma_max (Ning et al. 2023; :class:`~diffuse.corrections.EpsScaling`);
+    b = 1, k = 0 is off. ``dcw``: lambda_l of the wavelet low-band SNR-t correction
+    (:class:`~diffuse.corrections.DCW`); 0 is off.
+    """
 
     sampler: str = "dpmpp_2m"
     steps: int = 20
@@ -37,6 +44,9 @@ class SampleSettings:
     cfg_rescale: float = 0.0
     cfg_interval: Optional[tuple[float, float]] = None
     sampler_options: dict = field(default_factory=dict)
+    eps_scaling: float = 1.0
+    eps_scaling_k: float = 0.0
+    dcw: float = 0.0
 
     def __post_init__(self) -> None:
         get_sampler(self.sampler)
@@ -46,6 +56,8 @@ class SampleSettings:
             raise ValueError(f"steps must be an integer >= 1, got {self.steps}")
         if not math.isfinite(self.cfg):
             raise ValueError(f"guidance scale must be a finite number, got {self.cfg}")
+        check_eps_scaling(self.eps_scaling, self.eps_scaling_k)
+        check_dcw(self.dcw)
 
     def sigmas(self, model: DiffusionModel) -> torch.Tensor:
         return schedules.get_sigmas(self.schedule, self.steps, model.sigma_min, model.sigma_max)
@@ -53,14 +65,18 @@ class SampleSettings:
 
 def guided_denoiser(model: DiffusionModel, settings: SampleSettings, batch: int, *, prompts: Optional[Sequence[str]] = None,
                     negative: Optional[Sequence[str]] = None, labels: Optional[Sequence[int]] = None) -> tuple[Callable, Any]:
-    """(denoiser, cond) for a batch: the model, wrapped in classifier-free guidance when settings.cfg != 1."""
+    """(denoiser, cond) for a batch: the model, wrapped in classifier-free guidance when settings.cfg != 1
+    and in epsilon scaling when it is on."""
     cond = model.condition(prompts=prompts, labels=labels)
-    if settings.cfg == 1.0:
-        return model, cond
-    if model.cfg.conditioning == "none":
-        raise ValueError("guidance (cfg != 1) needs a conditional model; this model is unconditional")
-    uncond = model.condition(prompts=negative) if negative is not None else model.null_condition(batch)
-    return CFGDenoiser(model, settings.cfg, uncond, rescale=settings.cfg_rescale, interval=settings.cfg_interval), cond
+    denoiser: Callable = model
+    if settings.cfg != 1.0:
+        if model.cfg.conditioning == "none":
+            raise ValueError("guidance (cfg != 1) needs a conditional model; this model is unconditional")
+        uncond = model.condition(prompts=negative) if negative is not None else model.null_condition(batch)
+        denoiser = CFGDenoiser(model, settings.cfg, uncond, rescale=settings.cfg_rescale, interval=settings.cfg_interval)
+    if settings.eps_scaling != 1.0 or settings.eps_scaling_k != 0.0:
+        denoiser = EpsScaling(denoiser, settings.eps_scaling, settings.eps_scaling_k, model.sigma_max)
+    return denoiser, cond
 
 
 @torch.no_grad()
@@ -79,10 +95,12 @@ def generate(model: DiffusionModel, settings: SampleSettings, seeds: Sequence[in
     batch = len(seeds)
     denoiser, cond = guided_denoiser(model, settings, batch, prompts=prompts, negative=negative, labels=labels)
     sigmas = settings.sigmas(model)
+    post_step = DCW(settings.dcw, float(sigmas[0])) if settings.dcw != 0 else None
     generators = rng.generators_for(seeds, "cpu")
     x = rng.randn((batch, model.cfg.channels, res, res), generators, device=device) * float(sigmas[0])
     sampler = get_sampler(settings.sampler)
-    out = sampler(denoiser, x, sigmas, cond, generator=generators, callback=callback, **settings.sampler_options)
+    out = sampler(denoiser, x, sigmas, cond, generator=generators, callback=callback, post_step=post_step,
+                  **settings.sampler_options)
     if codec is not None:
         out = codec.decode(out)
     return out.clamp(-1, 1)
@@ -244,7 +262,8 @@ class Pipeline:
             "kind": "generate", "prompt": prompt, "negative_prompt": negative, "class_label": class_label, "seed": seed,
             "sampler": settings.sampler, "sampler_options": settings.sampler_options, "steps": settings.steps,
             "schedule": settings.schedule, "sigmas": sigmas, "cfg": settings.cfg,
-            "cfg_rescale": settings.cfg_rescale, "cfg_interval": settings.cfg_interval, "width": size, "height": size,
+            "cfg_rescale": settings.cfg_rescale, "cfg_interval": settings.cfg_interval, "eps_scaling": settings.eps_scaling,
+            "eps_scaling_k": settings.eps_scaling_k, "dcw": settings.dcw, "width": size, "height": size,
             "model": self.name, "model_hash": self.model_hash, "diffuse_version": __version__, "torch_version": torch.__version__,
             "device": self.device, "machine": platform.machine(),
         }

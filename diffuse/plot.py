@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import BinaryIO, Sequence
 
 import numpy as np
 import torch
@@ -34,7 +34,7 @@ def image_grid(images: np.ndarray, columns: int = 0, scale: int = 1, pad: int = 
     return Image.fromarray(grid[..., 0] if c == 1 else grid).convert("RGB")
 
 
-def line_chart(series: dict[str, Sequence[tuple[float, float]]], path: Path, *, title: str = "", log_y: bool = True,
+def line_chart(series: dict[str, Sequence[tuple[float, float]]], path: "Path | BinaryIO", *, title: str = "", log_y: bool = True,
                size: tuple[int, int] = (640, 360)) -> None:
     """Draw named (x, y) series as a line chart PNG (log y axis by default)."""
     width, height = size
@@ -43,7 +43,7 @@ def line_chart(series: dict[str, Sequence[tuple[float, float]]], path: Path, *, 
     draw = ImageDraw.Draw(img)
     points = [(x, y) for s in series.values() for x, y in s if math.isfinite(y) and (y > 0 or not log_y)]
     if not points:
-        img.save(path)
+        img.save(path, format="PNG")
         return
     fy = (lambda v: math.log10(v)) if log_y else (lambda v: v)
     xs, ys = [p[0] for p in points], [fy(p[1]) for p in points]
@@ -69,4 +69,4 @@ def line_chart(series: dict[str, Sequence[tuple[float, float]]], path: Path, *, 
         if len(pts) > 1:
             draw.line(pts, fill=color, width=3 if i == 0 else 1)
         draw.text((width - margin_r + 8, margin_t + 14 * i), name, fill=color)
-    img.save(path)
+    img.save(path, format="PNG")

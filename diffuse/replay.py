@@ -113,7 +113,9 @@ def replay_generate(path: Path, record: dict[str, Any], *, model: Optional[str] 
     interval = record.get("cfg_interval")
     settings = SampleSettings(sampler=record["sampler"], steps=record["steps"], schedule=record["schedule"], cfg=record["cfg"],
                               cfg_rescale=record.get("cfg_rescale", 0.0), cfg_interval=tuple(interval) if interval else None,
-                              sampler_options=record.get("sampler_options") or {})
+                              sampler_options=record.get("sampler_options") or {},
+                              eps_scaling=record.get("eps_scaling", 1.0), eps_scaling_k=record.get("eps_scaling_k", 0.0),
+                              dcw=record.get("dcw", 0.0))
     sigmas = settings.sigmas(pipe.model).tolist()
     same_sigmas = sigmas == record["sigmas"]
     worst = max((abs(a - b) for a, b in zip(sigmas, record["sigmas"])), default=float("inf")) if len(sigmas) == len(record["sigmas"]) else None

@@ -103,7 +103,7 @@ def euler(model: CountingDenoiser, x: torch.Tensor, sigmas: list[float], *, gene
         # Euler step from sigma_hat to sigma_next
         denoised = model(x, sigma_hat)
         x = x + (sigmas[i + 1] - sigma_hat) * to_d(x, sigma_hat, denoised)
-        report(callback, model, i, sigmas, x, denoised)
+        x = report(callback, model, i, sigmas, x, denoised)
     return x
 
 
@@ -133,7 +133,7 @@ def dpm_2(model: CountingDenoiser, x: torch.Tensor, sigmas: list[float], *, gene
             x_mid = x + (sigma_mid - sigma) * d
             denoised = model(x_mid, sigma_mid)
             x = x + (sigma_next - sigma) * to_d(x_mid, sigma_mid, denoised)
-        report(callback, model, i, sigmas, x, denoised)
+        x = report(callback, model, i, sigmas, x, denoised)
     return x
 
 
@@ -165,7 +165,7 @@ def heun_with_churn(model: CountingDenoiser, x: torch.Tensor, sigmas: list[float
         else:
             # second-order correction (lines 9-11)
             x, denoised = heun_step(model, x, d, sigma_hat, sigma_next)
-        report(callback, model, i, sigmas, x, denoised)
+        x = report(callback, model, i, sigmas, x, denoised)
     return x
 
 
@@ -184,7 +184,7 @@ def euler_ancestral(model: CountingDenoiser, x: torch.Tensor, sigmas: list[float
         # Euler step to sigma_down, then noise
         x = x + (sigma_down - sigma) * to_d(x, sigma, denoised)
         x = with_noise(x, noise, s_noise * sigma_up)
-        report(callback, model, i, sigmas, x, denoised)
+        x = report(callback, model, i, sigmas, x, denoised)
     return x
 
 
@@ -209,7 +209,7 @@ def dpmpp_2s_ancestral(model: CountingDenoiser, x: torch.Tensor, sigmas: list[fl
             x = first_order(x, denoised, sigma, sigma_down)
         # ancestral noise
         x = with_noise(x, noise, s_noise * sigma_up)
-        report(callback, model, i, sigmas, x, denoised)
+        x = report(callback, model, i, sigmas, x, denoised)
     return x
 
 
@@ -241,7 +241,7 @@ def dpmpp_sde(model: CountingDenoiser, x: torch.Tensor, sigmas: list[float], *, 
             fac = 1 / (2 * r)
             denoised = (1 - fac) * denoised + fac * denoised_s
             x = with_noise(first_order(x, denoised, sigma, sigma_down), noise, s_noise * sigma_up)
-        report(callback, model, i, sigmas, x, denoised)
+        x = report(callback, model, i, sigmas, x, denoised)
     return x
 
 
@@ -260,7 +260,7 @@ def ddpm(model: CountingDenoiser, x: torch.Tensor, sigmas: list[float], *, gener
         ratio2 = (sigma_next / sigma) ** 2
         mean = denoised + ratio2 * (x - denoised)
         x = with_noise(mean, noise, sigma_next * math.sqrt(1 - ratio2))
-        report(callback, model, i, sigmas, x, denoised)
+        x = report(callback, model, i, sigmas, x, denoised)
     return x
 
 
@@ -279,7 +279,7 @@ def ddim(model: CountingDenoiser, x: torch.Tensor, sigmas: list[float], *, gener
         s_eta = ancestral_step(sigma, sigma_next, eta)[1]
         eps = to_d(x, sigma, denoised)
         x = with_noise(denoised + math.sqrt(sigma_next**2 - s_eta**2) * eps, noise, s_eta)
-        report(callback, model, i, sigmas, x, denoised)
+        x = report(callback, model, i, sigmas, x, denoised)
     return x
 
 

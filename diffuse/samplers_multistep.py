@@ -111,7 +111,7 @@ def lms(model: CountingDenoiser, x: torch.Tensor, sigmas: list[float], *, genera
         # ---- Adams-Bashforth step with exactly integrated Lagrange coefficients
         coeffs = _lagrange_integrals(sigmas[i - len(ds) + 1: i + 1][::-1], sigmas[i], sigmas[i + 1])
         x = x + _combine(ds, coeffs)
-        report(callback, model, i, sigmas, x, denoised)
+        x = report(callback, model, i, sigmas, x, denoised)
     return x
 
 
@@ -135,7 +135,7 @@ def ipndm(model: CountingDenoiser, x: torch.Tensor, sigmas: list[float], *, gene
         ds = [to_d(x, sigmas[i], denoised)] + ds[: order - 1]
         # ---- fixed-coefficient Adams-Bashforth step in sigma
         x = x + _combine(ds, IPNDM_COEFFS[len(ds) - 1]) * (sigmas[i + 1] - sigmas[i])
-        report(callback, model, i, sigmas, x, denoised)
+        x = report(callback, model, i, sigmas, x, denoised)
     return x
 
 
@@ -161,7 +161,7 @@ def deis(model: CountingDenoiser, x: torch.Tensor, sigmas: list[float], *, gener
         v_next = -math.inf if sigmas[i + 1] == 0 else math.log(sigmas[i + 1] / sigmas[i])
         coeffs = [sigmas[i] * c for c in _lagrange_exp_integrals(nodes, v_next)]
         x = x + _combine(ds, coeffs)
-        report(callback, model, i, sigmas, x, denoised)
+        x = report(callback, model, i, sigmas, x, denoised)
     return x
 
 
@@ -203,7 +203,7 @@ def _dpmpp_2m_sde(model: CountingDenoiser, x: torch.Tensor, sigmas: list[float],
             x = _sde_noise(x, noise, sigmas[i + 1], h, eta, s_noise)
             h_last = h
         old_denoised = denoised
-        report(callback, model, i, sigmas, x, denoised)
+        x = report(callback, model, i, sigmas, x, denoised)
     return x
 
 
@@ -261,7 +261,7 @@ def dpmpp_3m_sde(model: CountingDenoiser, x: torch.Tensor, sigmas: list[float], 
                 x = x + (denoised - denoised_1) * (phi_2 * h / h_1)
             x = _sde_noise(x, noise, sigmas[i + 1], h, eta, s_noise)
             hist = [(h, denoised)] + hist[:1]
-        report(callback, model, i, sigmas, x, denoised)
+        x = report(callback, model, i, sigmas, x, denoised)
     return x
 
 
@@ -311,15 +311,21 @@ def unipc(model: CountingDenoiser, x: torch.Tensor, sigmas: list[float], *, gene
     2-3, B(h) = e^h - 1, data prediction): a UniP-``order`` multistep predictor, and after
     each new evaluation the UniC corrector that raises the order by one at no extra NFE
     (the evaluation at the predicted point is reused as history). Warm start with lower
-    orders; the last step to sigma = 0 is first order and has no corrector. x: [B, ...]."""
+    orders; the last step to sigma = 0 is first order and has no corrector. A post-step
+    correction (see :mod:`diffuse.steps`) acts on the predicted point, where the model is
+    evaluated next, and the same change is added to the corrector's state. x: [B, ...]."""
     _check_order("unipc", order, 3)
     hist: list[tuple[float, torch.Tensor]] = []  # (lambda, denoised), newest first
     x_prev: Optional[torch.Tensor] = None
+    shift: Optional[torch.Tensor] = None  # what a post-step correction added to the predicted point
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i])
-        # ---- corrector UniC for the step just taken, from the same starting point
+        # ---- corrector UniC for the step just taken, from the same starting point; it recomputes
+        #      the state, so a post-step correction of the predicted point is carried over to it
         if corrector and x_prev is not None:
             x = _unipc_update(x_prev, sigmas[i - 1], sigmas[i], hist, denoised)
+            if shift is not None:
+                x = x + shift
         hist = [(_lam(sigmas[i]), denoised)] + hist[: order - 1]
         x_prev = x
         # ---- predictor UniP (first order for the jump to sigma = 0)
@@ -327,5 +333,7 @@ def unipc(model: CountingDenoiser, x: torch.Tensor, sigmas: list[float], *, gene
             x = denoised
         else:
             x = _unipc_update(x, sigmas[i], sigmas[i + 1], hist, None)
-        report(callback, model, i, sigmas, x, denoised)
+        predicted = x
+        x = report(callback, model, i, sigmas, x, denoised)
+        shift = None if x is predicted else x - predicted
     return x

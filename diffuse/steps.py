@@ -12,11 +12,16 @@ with :func:`register`, which wraps them so that every public entry point
   length),
 * counts denoiser evaluations (``StepInfo.nfe``), and knows the exact count in advance
   (``SAMPLERS[name].nfe(sigmas, **options)``),
-* never changes ``x`` in place, so a callback that raises to cancel leaves nothing behind.
+* never changes ``x`` in place, so a callback that raises to cancel leaves nothing behind,
+* applies an optional post-step correction ``post_step(StepInfo) -> x`` after every solver
+  step (e.g. :class:`diffuse.corrections.DCW`): the corrected x is what the sampler carries
+  on from (and what the callback sees). Samplers get it through :func:`report`, whose return
+  value is the state to continue from; without a correction it is the same tensor.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import math
@@ -29,6 +34,7 @@ from .precond import Denoiser
 from .rng import Generators, check_generators, randn_like
 
 Callback = Callable[["StepInfo"], None]
+PostStep = Callable[["StepInfo"], torch.Tensor]
 NfeRule = Callable[..., int]
 
 
@@ -63,10 +69,29 @@ class CountingDenoiser:
         return self.denoiser(x, sigma_vec, self.cond).to(x.dtype)
 
 
-def report(callback: Optional[Callback], model: CountingDenoiser, i: int, sigmas: list[float], x: torch.Tensor, denoised: torch.Tensor) -> None:
-    """Send a StepInfo for step i (sigmas[i] -> sigmas[i+1]) to the callback, if any."""
-    if callback is not None:
-        callback(StepInfo(i, len(sigmas) - 1, sigmas[i], sigmas[i + 1], x, denoised, model.nfe))
+def report(hook: Optional[PostStep], model: CountingDenoiser, i: int, sigmas: list[float], x: torch.Tensor,
+           denoised: torch.Tensor) -> torch.Tensor:
+    """End of solver step i (sigmas[i] -> sigmas[i+1]): pass a StepInfo to the step hook that
+    :func:`register` built (post-step correction, then the user's callback) and return the x to
+    continue from -- ``x`` itself when there is no correction, so an uncorrected run is bit-identical."""
+    if hook is None:
+        return x
+    return hook(StepInfo(i, len(sigmas) - 1, sigmas[i], sigmas[i + 1], x, denoised, model.nfe))
+
+
+def step_hook(post_step: Optional[PostStep], callback: Optional[Callback]) -> Optional[PostStep]:
+    """The hook :func:`report` calls: correct x (if ``post_step``), then show ``callback`` the
+    corrected state; returns the corrected x (the callback's return value is ignored)."""
+    if post_step is None and callback is None:
+        return None
+
+    def hook(info: StepInfo) -> torch.Tensor:
+        x = info.x if post_step is None else post_step(info)
+        if callback is not None:
+            callback(info if x is info.x else dataclasses.replace(info, x=x))
+        return x
+
+    return hook
 
 
 class Noise:
@@ -116,7 +141,7 @@ def register(registry: dict[str, Callable], name: str, *, nfe: NfeRule, stochast
 
         @functools.wraps(fn)
         def sampler(denoiser: Denoiser, x: torch.Tensor, sigmas, cond: Any = None, *, generator: Generators = None,
-                    callback: Optional[Callback] = None, **options: Any) -> torch.Tensor:
+                    callback: Optional[Callback] = None, post_step: Optional[PostStep] = None, **options: Any) -> torch.Tensor:
             unknown = sorted(set(options) - set(option_defaults))
             if unknown:
                 known = ", ".join(sorted(option_defaults)) or "none"
@@ -125,7 +150,7 @@ def register(registry: dict[str, Callable], name: str, *, nfe: NfeRule, stochast
             _check_x(x)
             check_generators(generator, x.shape[0])
             model = CountingDenoiser(denoiser, cond)
-            out = fn(model, x, sigma_list, generator=generator, callback=callback, **options)
+            out = fn(model, x, sigma_list, generator=generator, callback=step_hook(post_step, callback), **options)
             expected = sampler.nfe(sigmas, **options)
             assert model.nfe == expected, f"{name}: counted {model.nfe} evaluations, rule says {expected}"
             return out

@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
+import io
 import math
 import os
 import time
@@ -31,6 +32,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 from torch import nn
+from PIL import Image
 from tqdm import tqdm
 
 from . import checkpoint
@@ -42,6 +44,7 @@ from .losses import bucket_edges, bucket_losses, denoising_loss, training_noise
 from .model import DiffusionModel
 from .plot import image_grid, line_chart, to_uint8
 from .text import WordTokenizer
+from .train_eval import EVAL_COLUMNS, TrainingEvaluator
 
 RUN_CONFIG = "config.json"
 METRICS = "metrics.csv"
@@ -250,6 +253,8 @@ def train(cfg: Optional[RunConfig], run_dir: Path, *, resume: bool = False, max_
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if t.precision == "bf16" else nullcontext()
     edges = bucket_edges(cfg.model.sigma_min, cfg.model.sigma_max)
     metrics = MetricsLog(run_dir / METRICS, [f"loss_s{edges[i]:.3g}-{edges[i + 1]:.3g}" for i in range(len(edges) - 1)], step) if d.main else None
+    evaluator = TrainingEvaluator(cfg, dataset) if d.main and t.eval_every else None
+    last_eval: dict[str, str] = {}
 
     def save() -> None:
         if d.main:
@@ -305,12 +310,20 @@ def train(cfg: Optional[RunConfig], run_dir: Path, *, resume: bool = False, max_
             elapsed = time.perf_counter() - window_t
             img_s = window_img / max(elapsed, 1e-9)
             window_t, window_img = time.perf_counter(), 0
-            bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{img_s:.1f}")
+            bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{img_s:.1f}", **last_eval)
             metrics.write({"step": step, "nimg": nimg, "loss": loss, "lr": learning_rate(step - 1, cfg), "grad_norm": grad_norm,
                            "img_per_s": img_s, "bad_steps": bad_total,
                            **{k: s / c for k, (s, c) in buckets.items()}})
         if step % t.checkpoint_every == 0 or step == t.max_steps:
             save()
+        if evaluator is not None and step % t.eval_every == 0:
+            # between steps, on rank 0, with the global RNG restored afterwards: training is unchanged
+            bar.set_description_str(f"eval ({evaluator.images_per_eval()} images)")
+            row = evaluator(ema)
+            bar.set_description_str("train")
+            last_eval = {"fid": f"{row['fid']:.1f}", **({"adh": f"{row['adherence']:.2f}"} if "adherence" in row else {})}
+            metrics.write({"step": step, "nimg": nimg, **row})
+            metrics.plot(run_dir / "loss.png")
         if d.main and (step % t.sample_every == 0 or step == t.max_steps):
             write_previews(run_dir, step, cfg, ema, dataset, codec)
             metrics.plot(run_dir / "loss.png")
@@ -323,11 +336,15 @@ def train(cfg: Optional[RunConfig], run_dir: Path, *, resume: bool = False, max_
 # ---------------------------------------------------------------- run-folder outputs
 
 class MetricsLog:
-    """Append-only metrics CSV; on resume, rows past the resumed step are dropped first."""
+    """Append-only metrics CSV; on resume, rows past the resumed step are dropped first.
+
+    Training rows fill the loss columns; evaluation rows (``train.eval_every``) fill step, nimg
+    and EVAL_COLUMNS. A CSV written before the evaluation columns existed is rewritten with them."""
 
     def __init__(self, path: Path, bucket_columns: list[str], resume_step: int):
         self.path = path
-        self.columns = ["step", "nimg", "loss", "lr", "grad_norm", "img_per_s", "bad_steps", *bucket_columns]
+        self.buckets = bucket_columns
+        self.columns = ["step", "nimg", "loss", "lr", "grad_norm", "img_per_s", "bad_steps", *bucket_columns, *EVAL_COLUMNS]
         rows = self.read() if path.exists() else []
         rows = [r for r in rows if int(r["step"]) <= resume_step]
         with open(path, "w", newline="") as f:
@@ -344,11 +361,29 @@ class MetricsLog:
             csv.DictWriter(f, self.columns).writerow({k: row.get(k, "") for k in self.columns})
 
     def plot(self, out: Path) -> None:
+        """Loss curves; below them, when the run has evaluations, FID (and adherence x 100) by step."""
         rows = self.read()
-        series = {"loss": [(float(r["step"]), float(r["loss"])) for r in rows]}
-        for col in self.columns[7:]:
-            series[col.removeprefix("loss_")] = [(float(r["step"]), float(r[col])) for r in rows if r[col]]
-        line_chart(series, out, title="training loss (total and per sigma bucket)")
+        loss_rows = [r for r in rows if r.get("loss")]
+        series = {"loss": [(float(r["step"]), float(r["loss"])) for r in loss_rows]}
+        for col in self.buckets:
+            series[col.removeprefix("loss_")] = [(float(r["step"]), float(r[col])) for r in loss_rows if r.get(col)]
+        evals = {name: [(float(r["step"]), scale * float(r[col])) for r in rows if r.get(col)]
+                 for name, col, scale in (("FID", "fid", 1.0), ("FID 95% low", "fid_low", 1.0), ("FID 95% high", "fid_high", 1.0),
+                                          ("adherence x100", "adherence", 100.0))}
+        evals = {k: v for k, v in evals.items() if v}
+        if not evals:
+            line_chart(series, out, title="training loss (total and per sigma bucket)")
+            return
+        parts = []
+        for s, title, log_y in ((series, "training loss (total and per sigma bucket)", True),
+                                (evals, "evaluation of the EMA weights (train.eval_n images)", False)):
+            buf = io.BytesIO()
+            line_chart(s, buf, title=title, log_y=log_y)
+            parts.append(Image.open(buf).convert("RGB"))
+        canvas = Image.new("RGB", (max(p.width for p in parts), sum(p.height for p in parts)), "white")
+        canvas.paste(parts[0], (0, 0))
+        canvas.paste(parts[1], (0, parts[0].height))
+        canvas.save(out)
 
 
 PREVIEW_SEEDS = list(range(16))
