@@ -117,3 +117,24 @@ def random_model():
         return model
 
     return build
+
+
+CAPTIONS = ["a red circle above a blue square", "a green triangle", "two yellow squares"]
+
+
+@pytest.fixture(scope="session")
+def tiny_text_model(tmp_path_factory, random_model):
+    """Factory ``tiny_text_model(sampling=None) -> model folder``: a seeded random 16x16 text model
+    whose vocabulary is CAPTIONS' words, with ``sampling`` as its default sampling settings."""
+    from diffuse.config import ModelConfig, _unet
+    from diffuse.text import WordTokenizer
+
+    def make(sampling=None):
+        tok = WordTokenizer.from_captions(CAPTIONS).to_dict()
+        cfg = ModelConfig(backbone_config=_unet("tiny", text_dim=32), conditioning="text", image_size=16,
+                          text_config={"dim": 32, "depth": 1, "num_heads": 2, "tokenizer": tok})
+        folder = tmp_path_factory.mktemp("m") / "tiny-text"
+        random_model(cfg).save(folder, extra={"sampling": sampling} if sampling else None)
+        return folder
+
+    return make

@@ -14,10 +14,8 @@ if not CHROMIUM.exists():
 playwright_api = pytest.importorskip("playwright.sync_api")
 uvicorn = pytest.importorskip("uvicorn")
 
-from diffuse.config import ModelConfig, _unet  # noqa: E402
 from diffuse.pipeline import Pipeline  # noqa: E402
 from diffuse.server import create_app  # noqa: E402
-from diffuse.text import WordTokenizer  # noqa: E402
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
@@ -26,12 +24,8 @@ CAPTIONS = ["a red circle above a blue square", "a green triangle"]
 
 
 @pytest.fixture(scope="module")
-def server_url(tmp_path_factory, random_model):
-    tok = WordTokenizer.from_captions(CAPTIONS).to_dict()
-    cfg = ModelConfig(backbone_config=_unet("tiny", text_dim=32), conditioning="text", image_size=16,
-                      text_config={"dim": 32, "depth": 1, "num_heads": 2, "tokenizer": tok})
-    folder = tmp_path_factory.mktemp("m") / "tiny-text"
-    random_model(cfg).save(folder, extra={"sampling": {"sampler": "euler", "steps": 6, "cfg": 2.0}})
+def server_url(tiny_text_model):
+    folder = tiny_text_model({"sampler": "euler", "steps": 6, "cfg": 2.0})
     app = create_app({"tiny-text": Pipeline.load(folder)})
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -16,22 +16,17 @@ from diffuse.pipeline import Pipeline, SampleSettings
 from diffuse.record import read_record
 from diffuse.samplers import SAMPLERS, get_sampler
 from diffuse.schedules import get_sigmas
-from diffuse.text import WordTokenizer
 
 from conftest import torch_threads
 from diffuse.gaussian_mixture import example_mixture
 
-CAPTIONS = ["a red circle above a blue square", "a green triangle", "two yellow squares"]
+from conftest import CAPTIONS
 EULER = SampleSettings(sampler="euler", steps=6, cfg=1.0)
 
 
 @pytest.fixture(scope="module")
-def text_model(tmp_path_factory, random_model):
-    tok = WordTokenizer.from_captions(CAPTIONS).to_dict()
-    cfg = ModelConfig(backbone_config=_unet("tiny", text_dim=32), conditioning="text", image_size=16,
-                      text_config={"dim": 32, "depth": 1, "num_heads": 2, "tokenizer": tok})
-    folder = tmp_path_factory.mktemp("m") / "tiny-text"
-    random_model(cfg).save(folder, extra={"sampling": {"sampler": "dpmpp_2m", "steps": 6, "cfg": 2.0}})
+def text_model(tiny_text_model):
+    folder = tiny_text_model({"sampler": "dpmpp_2m", "steps": 6, "cfg": 2.0})
     return folder
 
 

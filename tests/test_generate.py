@@ -10,18 +10,13 @@ from PIL import Image
 from diffuse.config import ModelConfig, _unet
 from diffuse.pipeline import Pipeline, SampleSettings
 from diffuse.record import read_record
-from diffuse.text import WordTokenizer
 
-CAPTIONS = ["a red circle above a blue square", "a green triangle", "two yellow squares"]
+from conftest import CAPTIONS
 
 
 @pytest.fixture(scope="module")
-def text_model(tmp_path_factory, random_model):
-    tok = WordTokenizer.from_captions(CAPTIONS).to_dict()
-    cfg = ModelConfig(backbone_config=_unet("tiny", text_dim=32), conditioning="text", image_size=16,
-                      text_config={"dim": 32, "depth": 1, "num_heads": 2, "tokenizer": tok})
-    folder = tmp_path_factory.mktemp("m") / "tiny-text"
-    random_model(cfg).save(folder, extra={"sampling": {"sampler": "dpmpp_2m", "steps": 6, "cfg": 2.0}})
+def text_model(tiny_text_model):
+    folder = tiny_text_model({"sampler": "dpmpp_2m", "steps": 6, "cfg": 2.0})
     return folder
 
 

@@ -12,12 +12,10 @@ import pytest
 from PIL import Image, PngImagePlugin
 
 from diffuse import credentials, watermark
-from diffuse.config import ModelConfig, _unet
 from diffuse.pipeline import Pipeline, SampleSettings
 from diffuse.record import read_record, save_png
 from diffuse.replay import replay
 from diffuse.samplers import SAMPLERS
-from diffuse.text import WordTokenizer
 
 CAPTIONS = ["a red circle above a blue square", "a green triangle"]
 needs_watermark = pytest.mark.skipif(importlib.util.find_spec("imwatermark") is None or importlib.util.find_spec("skimage") is None,
@@ -27,12 +25,8 @@ needs_c2pa = pytest.mark.skipif(importlib.util.find_spec("c2pa") is None or impo
 
 
 @pytest.fixture(scope="module")
-def text_model(tmp_path_factory, random_model):
-    tok = WordTokenizer.from_captions(CAPTIONS).to_dict()
-    cfg = ModelConfig(backbone_config=_unet("tiny", text_dim=32), conditioning="text", image_size=16,
-                      text_config={"dim": 32, "depth": 1, "num_heads": 2, "tokenizer": tok})
-    folder = tmp_path_factory.mktemp("m") / "tiny-text"
-    random_model(cfg).save(folder)
+def text_model(tiny_text_model):
+    folder = tiny_text_model()
     return folder
 
 

@@ -11,23 +11,16 @@ from PIL import Image
 fastapi = pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from diffuse.config import ModelConfig, _unet  # noqa: E402
 from diffuse.pipeline import Pipeline, SampleSettings  # noqa: E402
 from diffuse.server import create_app  # noqa: E402
 
-CAPTIONS = ["a red circle above a blue square", "a green triangle", "two yellow squares"]
+from conftest import CAPTIONS
 TOKEN = "s3cret-token"
 
 
 @pytest.fixture(scope="module")
-def pipe(tmp_path_factory, random_model):
-    from diffuse.text import WordTokenizer
-
-    tok = WordTokenizer.from_captions(CAPTIONS).to_dict()
-    cfg = ModelConfig(backbone_config=_unet("tiny", text_dim=32), conditioning="text", image_size=16,
-                      text_config={"dim": 32, "depth": 1, "num_heads": 2, "tokenizer": tok})
-    folder = tmp_path_factory.mktemp("m") / "tiny-text"
-    random_model(cfg).save(folder, extra={"sampling": {"sampler": "dpmpp_2m", "steps": 4, "cfg": 2.0}})
+def pipe(tiny_text_model):
+    folder = tiny_text_model({"sampler": "dpmpp_2m", "steps": 4, "cfg": 2.0})
     return Pipeline.load(folder)
 
 
