@@ -153,6 +153,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     existing = [p for p in paths + ([grid_path] if args.grid else []) if p.exists()]
     if existing and not args.overwrite:
         raise ValueError(f"{existing[0]} already exists; pass --overwrite to replace it or choose another --out")
+    pipe.check_prompt(args.prompt, args.negative)  # refuse bad input before the progress bar starts
+    if args.size is not None:
+        pipe.check_size(args.size)
     bar = tqdm(total=len(seeds) * settings.steps, desc="generate", unit="step", disable=args.quiet)
     images = pipe(args.prompt, negative=args.negative, class_label=args.class_label, seeds=seeds, settings=settings,
                   size=args.size, batch_size=args.batch_size, callback=lambda info: bar.update(len(info.x)))
