@@ -189,6 +189,23 @@ def prepare_config(cfg: RunConfig, dataset: Any, codec: Optional[VAECodec] = Non
     return dataclasses.replace(cfg, model=m)
 
 
+
+def run_config(run_dir: Path, cfg: Any, resume: bool, from_dict: Callable[[dict], Any]) -> tuple[Any, list[Path]]:
+    """(config, complete checkpoints) of a run: ``cfg`` for a new run folder, the saved config with ``resume``.
+
+    A resume without a complete checkpoint, or a new run in a folder that has checkpoints, is an error.
+    """
+    found = checkpoint.list_checkpoints(run_dir)
+    if resume:
+        if not found:
+            raise checkpoint.CheckpointError(f"--resume: {run_dir}/checkpoints holds no complete checkpoint; start without --resume")
+        return from_dict(checkpoint.read_json(run_dir / RUN_CONFIG)), found
+    if found:
+        raise TrainingError(f"{run_dir} already holds checkpoints; pass --resume to continue it, or choose a new --out")
+    if cfg is None:
+        raise ValueError("a new run needs a config (e.g. a preset)")
+    return cfg, found
+
 def train(cfg: Optional[RunConfig], run_dir: Path, *, resume: bool = False, max_steps: Optional[int] = None,
           device: Optional[str] = None, progress: bool = True, log: Callable[[str], None] = print) -> TrainResult:
     """Train a new run in ``run_dir`` from ``cfg``, or resume it from its newest checkpoint and saved config
@@ -200,15 +217,7 @@ def train(cfg: Optional[RunConfig], run_dir: Path, *, resume: bool = False, max_
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
     # ---- run folder and config
-    found = checkpoint.list_checkpoints(run_dir)
-    if resume:
-        if not found:
-            raise checkpoint.CheckpointError(f"--resume: {run_dir}/checkpoints holds no complete checkpoint; start without --resume")
-        cfg = RunConfig.from_dict(checkpoint.read_json(run_dir / RUN_CONFIG))
-    elif found:
-        raise TrainingError(f"{run_dir} already holds checkpoints; pass --resume to continue it, or choose a new --out")
-    elif cfg is None:
-        raise ValueError("a new run needs a config (e.g. a preset)")
+    cfg, found = run_config(run_dir, cfg, resume, RunConfig.from_dict)
     if max_steps is not None:
         if max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {max_steps}")

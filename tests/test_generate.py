@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffuse.config import ModelConfig, _unet
 from diffuse.pipeline import Pipeline, SampleSettings
 from diffuse.record import read_record
 
@@ -21,12 +20,8 @@ def text_model(tiny_text_model):
 
 
 @pytest.fixture(scope="module")
-def class_model(tmp_path_factory, random_model):
-    cfg = ModelConfig(backbone_config=_unet("tiny", in_channels=1, out_channels=1, num_classes=10), conditioning="class",
-                      num_classes=10, channels=1, image_size=16)
-    folder = tmp_path_factory.mktemp("m") / "tiny-class"
-    random_model(cfg).save(folder)
-    return folder
+def class_model(tiny_class_model):
+    return tiny_class_model
 
 
 def test_same_seed_same_image_alone_or_in_a_batch(text_model):

