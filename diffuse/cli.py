@@ -403,7 +403,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .server import serve
 
     serve(args.model or ["shapes"], host=args.host, port=args.port, max_queue=args.max_queue, max_batch=args.max_batch,
-          keep_jobs=args.keep_jobs, token=args.token, out=Path(args.out) if args.out else None, device=args.device)
+          keep_jobs=args.keep_jobs, token=args.token, max_upload_mb=args.max_upload_mb, max_upload_pixels=args.max_upload_pixels,
+          out=Path(args.out) if args.out else None, device=args.device)
     return 0
 
 
@@ -579,6 +580,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=8, help="most images sampled together (one job's batch at most this)")
     p.add_argument("--keep-jobs", type=int, default=100, help="finished jobs kept in memory (oldest evicted)")
     p.add_argument("--token", help="require 'Authorization: Bearer TOKEN' on every route but the page")
+    p.add_argument("--max-upload-mb", type=float, default=4.0, help="largest edit upload (image or mask file) in MB")
+    p.add_argument("--max-upload-pixels", type=int, default=2048 * 2048, help="largest edit upload in pixels")
     p.add_argument("--out", help="also write every result PNG to this folder, named JOBID-N.png")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
 

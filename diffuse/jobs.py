@@ -1,27 +1,35 @@
 """The server's job queue: a bounded queue of jobs and one worker thread that runs them on the model.
 
 A job kind is one function ``run(pipe, jobs, callback) -> list[list[Generated]]`` (one result list
-per job) registered with :func:`kind`; the worker batches queued jobs of the same kind, model and
-``params.batch_key()`` into one call. Cancelling a job sets a flag that the sampler callback checks
-after every solver step; when every job of the running batch is cancelled the callback raises
-:class:`Cancelled`, which is safe because samplers never change their input in place.
+per job) registered with :func:`kind`: ``generate``, ``img2img`` and ``inpaint`` (the last two call
+:mod:`diffuse.edit` on an :class:`Upload`). The worker batches queued jobs of the same kind, model and
+``params.batch_key()`` into one call (for edits: the same input image, mask and settings, any seeds).
+Cancelling a job sets a flag that the sampler callback checks after every solver step (edits pass
+the same callback through :func:`diffuse.edit.sample_from`); when every job of the running batch is
+cancelled the callback raises :class:`Cancelled`, which is safe because samplers never change their
+input in place.
 Finished jobs are kept up to ``keep`` of them (oldest evicted first), so memory stays bounded.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import collections
+import hashlib
 import io
+import json
 import math
 import threading
 import time
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Optional, Protocol, Sequence
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
+from . import edit
 from .pipeline import Generated, Pipeline, SampleSettings
 from .plot import to_uint8
 from .record import png_info
@@ -80,6 +88,12 @@ def kind(name: str) -> Callable[[Runner], Runner]:
     return register
 
 
+def settings_key(s: SampleSettings) -> Hashable:
+    """The sampling settings as a hashable key: jobs share a batch only when these are equal."""
+    return (s.sampler, s.steps, s.schedule, s.cfg, s.cfg_rescale, s.cfg_interval, tuple(sorted(s.sampler_options.items())),
+            s.eps_scaling, s.eps_scaling_k, s.dcw)
+
+
 @dataclass(frozen=True)
 class GenerateParams:
     """A text-to-image (or class-to-image) job: ``images`` seeds starting at ``seed``."""
@@ -94,30 +108,161 @@ class GenerateParams:
     size: int
 
     def batch_key(self) -> Hashable:
-        s = self.settings
-        return (s.sampler, s.steps, s.schedule, s.cfg, s.cfg_rescale, s.cfg_interval, tuple(sorted(s.sampler_options.items())),
-                self.size, self.negative_prompt)
+        return (settings_key(self.settings), self.size, self.negative_prompt)
 
 
-@kind("generate")
-def run_generate(pipe: Pipeline, jobs: Sequence[Job], callback: Callable[[StepInfo], None]) -> list[list[Generated]]:
-    seeds: list[int] = []
-    prompts: list[Optional[str]] = []
-    labels: list[Optional[int]] = []
-    for job in jobs:
-        p: GenerateParams = job.params
-        seeds += range(p.seed, p.seed + p.images)
-        prompts += [p.prompt] * p.images
-        labels += [p.class_label] * p.images
-    first: GenerateParams = jobs[0].params
-    out = pipe.generate_batch(seeds, prompts=None if prompts[0] is None else prompts, negative=first.negative_prompt,
-                              class_labels=None if labels[0] is None else labels, settings=first.settings,
-                              size=first.size, batch_size=len(seeds), callback=callback)
+UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP")
+
+
+class UploadTooLarge(ValueError):
+    """An upload over the server's byte limit (answered with 413)."""
+
+
+@dataclass(frozen=True)
+class Upload:
+    """An uploaded image file, kept as its bytes (within the server's limits) until its job runs."""
+
+    data: bytes = field(repr=False)
+    sha256: str  # first 10 hex digits, as record.file_hash gives for files
+    width: int
+    height: int
+    format: str
+
+    @classmethod
+    def decode(cls, text: str, what: str, *, max_bytes: int, max_pixels: int) -> tuple["Upload", Image.Image]:
+        """A base64 image (bare, or a ``data:image/...;base64,`` URL) and its decoded image. The pixel
+        count is checked from the file's header before any pixel is decoded (decompression bombs)."""
+        if text.startswith("data:"):
+            head, comma, text = text.partition(",")
+            if not comma or not head.endswith(";base64"):
+                raise ValueError(f"the {what} is a data URL without base64 data; send data:image/png;base64,...")
+        try:
+            data = base64.b64decode("".join(text.split()), validate=True)
+        except binascii.Error:
+            raise ValueError(f"the {what} is not valid base64; send the file's bytes base64-encoded (or as a data: URL)") from None
+        if len(data) > max_bytes:
+            raise UploadTooLarge(f"the {what} is {len(data)} bytes, over this server's limit of {max_bytes} bytes "
+                                 f"(--max-upload-mb); send a smaller file")
+        too_many = f"more than this server's limit of {max_pixels} pixels (--max-upload-pixels); shrink it first"
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                im = Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS)
+            if im.width * im.height > max_pixels:
+                raise ValueError(f"the {what} is {im.width}x{im.height} ({im.width * im.height} pixels), {too_many}")
+            im.load()
+        except UnidentifiedImageError:
+            raise ValueError(f"the {what} is not a PNG, JPEG or WebP image; upload one of those") from None
+        except Image.DecompressionBombError:
+            raise ValueError(f"the {what} has {too_many}") from None
+        except (OSError, SyntaxError) as e:
+            raise ValueError(f"cannot decode the {what}: {e}") from None
+        image_record(im, what)
+        return cls(data, hashlib.sha256(data).hexdigest()[:10], im.width, im.height, im.format), im
+
+    def open(self) -> Image.Image:
+        im = Image.open(io.BytesIO(self.data), formats=UPLOAD_FORMATS)
+        im.load()
+        return im
+
+    def summary(self) -> dict[str, Any]:
+        return {"sha256": self.sha256, "bytes": len(self.data), "width": self.width, "height": self.height, "format": self.format}
+
+
+def image_record(im: Image.Image, what: str) -> Optional[dict[str, Any]]:
+    """The diffuse record an uploaded PNG carries (None when it has none)."""
+    text = im.text.get("diffuse") if isinstance(getattr(im, "text", None), dict) else None
+    try:
+        return None if text is None else json.loads(text)
+    except json.JSONDecodeError:
+        raise ValueError(f"the {what}'s 'diffuse' text chunk is not valid JSON; save the image without it") from None
+
+
+@dataclass(frozen=True)
+class EditParams:
+    """An img2img or inpaint job (see :mod:`diffuse.edit`): ``images`` seeds starting at ``seed`` on one uploaded image."""
+
+    model: str
+    prompt: Optional[str]
+    negative_prompt: Optional[str]
+    class_label: Optional[int]
+    seed: int
+    images: int
+    settings: SampleSettings
+    image: Upload
+    strength: float
+    resize: bool
+    mask: Optional[Upload] = None  # inpaint: white = replace, black = keep
+    binarize: bool = False
+    feather: int = 0
+    jumps: int = 0
+    jump_length: int = 10
+
+    def batch_key(self) -> Hashable:
+        return (settings_key(self.settings), self.prompt, self.negative_prompt, self.class_label, self.image.sha256,
+                self.mask.sha256 if self.mask else None, self.strength, self.resize, self.binarize, self.feather, self.jumps,
+                self.jump_length)
+
+
+def _seeds(jobs: Sequence[Job]) -> list[int]:
+    return [s for job in jobs for s in range(job.params.seed, job.params.seed + job.params.images)]
+
+
+def _split(jobs: Sequence[Job], out: list[Generated]) -> list[list[Generated]]:
+    """One result list per job, from the batch's results in job order."""
     split, start = [], 0
     for job in jobs:
         split.append(out[start:start + job.params.images])
         start += job.params.images
     return split
+
+
+@kind("generate")
+def run_generate(pipe: Pipeline, jobs: Sequence[Job], callback: Callable[[StepInfo], None]) -> list[list[Generated]]:
+    seeds = _seeds(jobs)
+    prompts = [job.params.prompt for job in jobs for _ in range(job.params.images)]
+    labels = [job.params.class_label for job in jobs for _ in range(job.params.images)]
+    first: GenerateParams = jobs[0].params
+    out = pipe.generate_batch(seeds, prompts=None if prompts[0] is None else prompts, negative=first.negative_prompt,
+                              class_labels=None if labels[0] is None else labels, settings=first.settings,
+                              size=first.size, batch_size=len(seeds), callback=callback)
+    return _split(jobs, out)
+
+
+def _edit_options(jobs: Sequence[Job], callback: Callable[[StepInfo], None]) -> dict[str, Any]:
+    """The options img2img and inpaint share, for the batch's seeds in one call."""
+    p: EditParams = jobs[0].params
+    seeds = _seeds(jobs)
+    return dict(negative=p.negative_prompt, class_label=p.class_label, seeds=seeds, settings=p.settings,
+                strength=p.strength, resize=p.resize, batch_size=len(seeds), callback=callback)
+
+
+def _edit_results(jobs: Sequence[Job], image: Image.Image, out: list[Generated]) -> list[list[Generated]]:
+    """The edit's results per job; their records name the uploads by hash (the server keeps no file names)
+    and carry the input image's own record, so an image's history survives the edit."""
+    p: EditParams = jobs[0].params
+    for g in out:
+        g.record["input_image"].update(sha256=p.image.sha256, format=p.image.format)
+        g.record["input_record"] = image_record(image, "image")
+        if p.mask is not None:
+            g.record["mask"]["sha256"] = p.mask.sha256
+    return _split(jobs, out)
+
+
+@kind("img2img")
+def run_img2img(pipe: Pipeline, jobs: Sequence[Job], callback: Callable[[StepInfo], None]) -> list[list[Generated]]:
+    p: EditParams = jobs[0].params
+    image = p.image.open()
+    return _edit_results(jobs, image, edit.img2img(pipe, image, p.prompt, **_edit_options(jobs, callback)))
+
+
+@kind("inpaint")
+def run_inpaint(pipe: Pipeline, jobs: Sequence[Job], callback: Callable[[StepInfo], None]) -> list[list[Generated]]:
+    p: EditParams = jobs[0].params
+    image = p.image.open()
+    out = edit.inpaint(pipe, image, p.mask.open(), p.prompt, feather_px=p.feather, binarize=p.binarize, jumps=p.jumps,
+                       jump_length=p.jump_length, **_edit_options(jobs, callback))
+    return _edit_results(jobs, image, out)
 
 
 def png_bytes(g: Generated) -> bytes:

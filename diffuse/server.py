@@ -1,61 +1,92 @@
 """``diffuse serve``: an HTTP job API (FastAPI) and a web page; no diffusion logic here.
 
-Routes (every route but the page ``/`` needs ``Authorization: Bearer TOKEN`` when the server has a token):
+Routes (every route but the page ``/`` needs ``Authorization: Bearer TOKEN`` when the server has a token;
+``/docs`` and ``/openapi.json`` also take it from the ``diffuse_token`` cookie that the page sets, so a
+browser can open them):
 
-* ``POST /v1/jobs``: queue a job (JSON; every field but the prompt or class label is optional); 202 ``{"id"}``,
-  429 with ``Retry-After`` when ``max_queue`` jobs are waiting, 422 naming the bad field.
+* ``POST /v1/jobs``: queue a job (JSON; ``kind`` is ``generate`` (default), ``img2img`` or ``inpaint``; every
+  field but the prompt or class label and the edit's images is optional); 202 ``{"id"}``, 429 with
+  ``Retry-After`` when ``max_queue`` jobs are waiting, 422 naming the bad field. Edit images travel in
+  the JSON as base64 (a data URL or bare); an upload over the byte limit gets 413, over the pixel
+  limit 422 (checked from the file header, before decoding).
 * ``GET /v1/jobs/{id}``: status (queued, running, done, failed, cancelled), progress (step, NFE, ETA), results.
 * ``GET /v1/jobs/{id}/events``: server-sent events, one per change, with a small preview PNG (base64).
 * ``DELETE /v1/jobs/{id}``: cancel; a running job stops after the current solver step.
 * ``GET /v1/jobs/{id}/images/{n}.png``: result n, a PNG with the generation record (names are the server's).
 * ``GET /v1/models``: the loaded models, their sampling defaults, samplers and schedules.
+* ``GET /docs``, ``GET /openapi.json``: the interactive API documentation and its schema.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import ipaddress
 import json
+import math
 import secrets
 import sys
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Iterator, Literal, Optional, Union
 
 from fastapi import Depends, FastAPI, HTTPException, Path as PathParam, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
-from .jobs import FINAL, GenerateParams, Job, JobQueue, QueueFull
-from .pipeline import Pipeline
+from . import edit
+from .jobs import FINAL, KINDS, EditParams, GenerateParams, Job, JobQueue, QueueFull, Upload, UploadTooLarge
+from .pipeline import Pipeline, SampleSettings
 from .samplers import SAMPLERS
 from .schedules import SCHEDULES
 
 JOB_ID = r"^[0-9a-f]{32}$"
 MAX_PROMPT = 1000
 MAX_SIZE = 1024
+MAX_UPLOAD_BYTES = 4 << 20
+MAX_UPLOAD_PIXELS = 2048 * 2048
+TOKEN_COOKIE = "diffuse_token"
 
 SamplerName = Literal[tuple(SAMPLERS)]  # type: ignore[valid-type]
 ScheduleName = Literal[tuple(SCHEDULES)]  # type: ignore[valid-type]
 
 
 class FieldError(ValueError):
-    """A request value the model cannot use: answered with 422 naming ``field``."""
+    """A request value the model cannot use: answered with 422 (413 for an upload over the byte limit) naming ``field``."""
 
-    def __init__(self, field: str, message: str):
+    def __init__(self, field: str, message: str, status: int = 422):
         super().__init__(message)
-        self.field = field
+        self.field, self.status = field, status
 
 
-class GenerateRequest(BaseModel):
-    """A text-to-image (or class-to-image) job; omitted fields take the model's sampling defaults."""
+@contextlib.contextmanager
+def field_errors(field: str) -> Iterator[None]:
+    """Turn the ValueError of a check (the library's own message) into a FieldError naming ``field``."""
+    try:
+        yield
+    except UploadTooLarge as e:
+        raise FieldError(field, str(e), 413) from None
+    except ValueError as e:
+        raise FieldError(field, str(e)) from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    max_batch: int = 8
+    max_upload_bytes: int = MAX_UPLOAD_BYTES
+    max_upload_pixels: int = MAX_UPLOAD_PIXELS
+
+
+class JobFields(BaseModel):
+    """The fields every job kind takes; omitted ones take the model's sampling defaults."""
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["generate"] = "generate"
     model: Optional[str] = Field(None, description="a loaded model's name (GET /v1/models); default: the first")
     prompt: Optional[str] = Field(None, max_length=MAX_PROMPT, description="what to draw (text models)")
     negative_prompt: Optional[str] = Field(None, max_length=MAX_PROMPT, description="what guidance steers away from")
@@ -66,16 +97,15 @@ class GenerateRequest(BaseModel):
     steps: Optional[int] = Field(None, ge=1, le=1000)
     schedule: Optional[ScheduleName] = None  # type: ignore[valid-type]
     cfg: Optional[float] = Field(None, ge=0, le=50, description="classifier-free guidance scale (1 = off)")
-    size: Optional[int] = Field(None, ge=1, le=MAX_SIZE, description="image width = height in pixels; default: native")
 
-    def params(self, pipes: dict[str, Pipeline], max_batch: int) -> GenerateParams:
-        """The job's parameters, checked against the model (FieldError naming the field otherwise)."""
+    def checked(self, pipes: dict[str, Pipeline], limits: Limits) -> tuple[str, Pipeline, SampleSettings]:
+        """(model name, pipeline, sampling settings), checked against the model (FieldError naming the field otherwise)."""
         name = self.model or next(iter(pipes))
         if name not in pipes:
             raise FieldError("model", f"no model {name!r} is loaded; loaded: {', '.join(pipes)}")
         pipe = pipes[name]
-        if self.batch > max_batch:
-            raise FieldError("batch", f"batch {self.batch} is larger than this server's --max-batch {max_batch}")
+        if self.batch > limits.max_batch:
+            raise FieldError("batch", f"batch {self.batch} is larger than this server's --max-batch {limits.max_batch}")
         if self.seed + self.batch > 2 ** 63:
             raise FieldError("seed", f"seed + batch must stay below 2**63, got {self.seed} + {self.batch}")
         conditioning = pipe.model.cfg.conditioning
@@ -96,11 +126,81 @@ class GenerateRequest(BaseModel):
         settings = dataclasses.replace(pipe.defaults, **given)
         if settings.cfg != 1 and conditioning == "none":
             raise FieldError("cfg", f"model {name} is unconditional; guidance needs cfg = 1")
-        try:
-            size = pipe.check_size(self.size or pipe.model.cfg.image_size)
-        except ValueError as e:
-            raise FieldError("size", str(e)) from None
+        return name, pipe, settings
+
+
+class GenerateRequest(JobFields):
+    """A text-to-image (or class-to-image) job."""
+
+    kind: Literal["generate"] = "generate"
+    size: Optional[int] = Field(None, ge=1, le=MAX_SIZE, description="image width = height in pixels; default: native")
+
+    def params(self, pipes: dict[str, Pipeline], limits: Limits) -> GenerateParams:
+        name, pipe, settings = self.checked(pipes, limits)
+        with field_errors("size"):
+            size = pipe.check_size(self.size or pipe.model.cfg.image_size * pipe.codec.factor)
         return GenerateParams(name, self.prompt, self.negative_prompt, self.class_label, self.seed, self.batch, settings, size)
+
+
+UPLOAD = "base64 of a PNG, JPEG or WebP file, bare or as a data URL (data:image/png;base64,...)"
+
+
+class EditFields(JobFields):
+    """The fields img2img and inpaint share: the input image (the result has its size)."""
+
+    image: str = Field(description=f"the input image: {UPLOAD}; a size the model makes unless resize is true")
+    resize: bool = Field(False, description="resample a square image of another size to the model's native size")
+
+    def edit_params(self, pipes: dict[str, Pipeline], limits: Limits, strength: float) -> tuple[EditParams, Image.Image]:
+        """The job's parameters and the decoded input, checked by diffuse.edit's own checks."""
+        name, pipe, settings = self.checked(pipes, limits)
+        with field_errors("strength"):
+            edit.steps_for_strength(strength, settings.steps)
+        with field_errors("image"):
+            upload, image = Upload.decode(self.image, "image", max_bytes=limits.max_upload_bytes,
+                                          max_pixels=limits.max_upload_pixels)
+            edit._fit(pipe, edit.read_image(image, pipe.codec.image_channels), self.resize)
+        return EditParams(name, self.prompt, self.negative_prompt, self.class_label, self.seed, self.batch, settings, upload,
+                          strength, self.resize), image
+
+
+class Img2ImgRequest(EditFields):
+    """SDEdit: the input noised to the sigma ``strength`` selects, then denoised (diffuse.edit.img2img)."""
+
+    kind: Literal["img2img"]
+    strength: float = Field(0.75, gt=0, le=1, description="fraction of the schedule to run; 1 redraws everything")
+
+    def params(self, pipes: dict[str, Pipeline], limits: Limits) -> EditParams:
+        return self.edit_params(pipes, limits, self.strength)[0]
+
+
+class InpaintRequest(EditFields):
+    """Replace the mask's white region and keep the rest exactly (diffuse.edit.inpaint)."""
+
+    kind: Literal["inpaint"]
+    mask: str = Field(description=f"the mask, of the image's size: {UPLOAD}; white = replace, black = keep")
+    strength: float = Field(1.0, gt=0, le=1, description="fraction of the schedule to run (1: the replaced region from noise)")
+    feather: int = Field(0, ge=0, le=128, description="soften the mask edge inward over this many pixels")
+    jumps: int = Field(0, ge=0, le=20, description="RePaint resampling: rerun each block of steps this many more times")
+    jump_length: int = Field(10, ge=1, le=1000, description="RePaint block length in steps")
+    binarize: bool = Field(False, description="threshold a mask with gray pixels at 50% (otherwise an error)")
+
+    def params(self, pipes: dict[str, Pipeline], limits: Limits) -> EditParams:
+        params, image = self.edit_params(pipes, limits, self.strength)
+        with field_errors("mask"):
+            mask, mask_image = Upload.decode(self.mask, "mask", max_bytes=limits.max_upload_bytes,
+                                             max_pixels=limits.max_upload_pixels)
+            edit.read_mask(mask_image, image.size, binarize=self.binarize)
+        return dataclasses.replace(params, mask=mask, binarize=self.binarize, feather=self.feather, jumps=self.jumps,
+                                   jump_length=self.jump_length)
+
+
+def _kind_of(body: Any) -> Any:
+    return body.get("kind", "generate") if isinstance(body, dict) else getattr(body, "kind", None)
+
+
+JobRequest = Annotated[Union[Annotated[GenerateRequest, Tag("generate")], Annotated[Img2ImgRequest, Tag("img2img")],
+                             Annotated[InpaintRequest, Tag("inpaint")]], Discriminator(_kind_of)]
 
 
 class JobCreated(BaseModel):
@@ -139,7 +239,7 @@ class ModelOut(BaseModel):
     name: str
     model_hash: str
     conditioning: str
-    image_size: int
+    image_size: int = Field(description="native width = height in pixels")
     size_multiple: Optional[int] = Field(description="other sizes must be multiples of this (None: native only)")
     num_classes: int
     vocabulary: list[str]
@@ -158,9 +258,10 @@ class Error(BaseModel):
 
 
 def _params_json(params: Any) -> dict[str, Any]:
-    d = dataclasses.asdict(params)
-    d.update(d.pop("settings"))
-    return d
+    """A job's parameters as JSON: the settings inline, uploads as their summary (never their bytes)."""
+    d = {f.name: getattr(params, f.name) for f in dataclasses.fields(params)}
+    d.update(dataclasses.asdict(d.pop("settings")))
+    return {k: v.summary() if isinstance(v, Upload) else v for k, v in d.items()}
 
 
 def is_loopback(host: str) -> bool:
@@ -173,10 +274,20 @@ def is_loopback(host: str) -> bool:
 
 
 def create_app(pipes: dict[str, Pipeline], *, max_queue: int = 32, max_batch: int = 8, keep_jobs: int = 100,
-               token: Optional[str] = None, max_body: int = 1 << 20, out: Optional[Path] = None) -> FastAPI:
-    """The FastAPI app over loaded pipelines; its worker thread runs while the app's lifespan does."""
+               token: Optional[str] = None, max_upload_bytes: int = MAX_UPLOAD_BYTES,
+               max_upload_pixels: int = MAX_UPLOAD_PIXELS, max_body: Optional[int] = None,
+               out: Optional[Path] = None) -> FastAPI:
+    """The FastAPI app over loaded pipelines; its worker thread runs while the app's lifespan does.
+
+    ``max_body`` (bytes) defaults to room for two uploads (image and mask, base64) plus 1 MB of other fields.
+    """
     if not pipes:
         raise ValueError("give at least one model")
+    if max_upload_bytes < 1 or max_upload_pixels < 1:
+        raise ValueError("--max-upload-mb and --max-upload-pixels must be > 0")
+    limits = Limits(max_batch, max_upload_bytes, max_upload_pixels)
+    if max_body is None:
+        max_body = 2 * 4 * math.ceil(max_upload_bytes / 3) + (1 << 20)
 
     def save(job: Job) -> None:
         for i, data in enumerate(job.pngs):
@@ -189,17 +300,24 @@ def create_app(pipes: dict[str, Pipeline], *, max_queue: int = 32, max_batch: in
         yield
         queue.stop()
 
-    app = FastAPI(title="diffuse", version="1", lifespan=lifespan,
-                  description="Queue image-generation jobs, follow their progress, fetch their images.")
+    # the docs and schema routes are ours (below), so that they check the token like every other route
+    app = FastAPI(title="diffuse", version="1", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
+                  description="Queue image-generation and editing jobs (generate, img2img, inpaint), follow their "
+                              "progress, fetch their images.")
     app.state.queue = queue
     bearer = HTTPBearer(auto_error=False)
 
-    def authorized(creds: Optional[HTTPAuthorizationCredentials] = Depends(bearer)) -> None:
-        if token is None:
-            return
-        if creds is None or not secrets.compare_digest(creds.credentials.encode(), token.encode()):
+    def check_token(given: Optional[str]) -> None:
+        if token is not None and (given is None or not secrets.compare_digest(given.encode(), token.encode())):
             raise HTTPException(401, "missing or wrong token; send the header 'Authorization: Bearer TOKEN'",
                                 headers={"WWW-Authenticate": "Bearer"})
+
+    def authorized(creds: Optional[HTTPAuthorizationCredentials] = Depends(bearer)) -> None:
+        check_token(creds.credentials if creds else None)
+
+    def authorized_docs(request: Request, creds: Optional[HTTPAuthorizationCredentials] = Depends(bearer)) -> None:
+        """The header, or the page's SameSite=Strict cookie (read-only routes only, so it cannot submit jobs)."""
+        check_token(creds.credentials if creds else request.cookies.get(TOKEN_COOKIE))
 
     auth = [Depends(authorized)]
     unauthorized = {401: {"model": Error, "description": "missing or wrong bearer token (servers started with --token)"}}
@@ -219,9 +337,16 @@ def create_app(pipes: dict[str, Pipeline], *, max_queue: int = 32, max_batch: in
     async def validation_error(request: Request, exc: RequestValidationError):
         detail = []
         for err in exc.errors():
-            loc = [str(p) for p in err["loc"] if p != "body"]
-            field = ".".join(loc) or "body"
-            detail.append({"loc": list(err["loc"]), "msg": f"{field}: {err['msg']}", "type": err["type"]})
+            loc = [str(p) for p in err["loc"]]
+            if loc[:1] == ["body"] and loc[1:2] and loc[1] in KINDS:  # the job kind's tag in the union
+                loc = ["body"] + loc[2:]
+            msg = err["msg"]
+            if err["type"] == "union_tag_invalid":
+                loc, msg = ["body", "kind"], f"unknown job kind {err['ctx']['tag']!r}; known kinds: {', '.join(KINDS)}"
+            elif err["type"] == "union_tag_not_found":
+                msg = "send a JSON object, e.g. {\"prompt\": \"a red circle\"}"
+            field = ".".join(loc[1:] if loc[:1] == ["body"] else loc) or "body"
+            detail.append({"loc": loc, "msg": f"{field}: {msg}", "type": err["type"]})
         return JSONResponse({"detail": detail}, status_code=422)
 
     def job_or_404(job_id: str) -> Job:
@@ -246,13 +371,24 @@ def create_app(pipes: dict[str, Pipeline], *, max_queue: int = 32, max_batch: in
     def page() -> HTMLResponse:
         return HTMLResponse(resources.files("diffuse").joinpath("web/index.html").read_text(encoding="utf-8"))
 
+    @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(authorized_docs)])
+    def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False, dependencies=[Depends(authorized_docs)])
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="diffuse API")
+
     @app.post("/v1/jobs", status_code=202, response_model=JobCreated, dependencies=auth,
-              responses={**unauthorized, 411: {"model": Error}, 413: {"model": Error},
+              responses={**unauthorized, 411: {"model": Error},
+                         413: {"model": Error, "description": "the body, or an upload (named), is over the server's limit"},
                          429: {"model": Error, "description": "the queue is full; retry after the Retry-After header's seconds"}})
-    def create_job(request: GenerateRequest) -> JobCreated:
+    def create_job(request: JobRequest) -> JobCreated:
         try:
-            params = request.params(pipes, max_batch)
+            params = request.params(pipes, limits)
         except FieldError as e:
+            if e.status == 413:
+                return JSONResponse({"detail": f"{e.field}: {e}"}, status_code=413)
             return JSONResponse({"detail": [{"loc": ["body", e.field], "msg": f"{e.field}: {e}", "type": "value_error"}]},
                                 status_code=422)
         try:
@@ -314,7 +450,8 @@ def create_app(pipes: dict[str, Pipeline], *, max_queue: int = 32, max_batch: in
             m = pipe.model
             vocab = list(m.text_encoder.tokenizer.vocab) if m.cfg.conditioning == "text" and hasattr(m.text_encoder, "tokenizer") else []
             out_models.append(ModelOut(name=name, model_hash=pipe.model_hash, conditioning=m.cfg.conditioning,
-                                       image_size=m.cfg.image_size, size_multiple=m.size_factor(),
+                                       image_size=m.cfg.image_size * pipe.codec.factor,
+                                       size_multiple=m.size_factor() * pipe.codec.factor if m.size_factor() else None,
                                        num_classes=m.cfg.num_classes if m.cfg.conditioning == "class" else 0,
                                        vocabulary=vocab, defaults=dataclasses.asdict(pipe.defaults)))
         return ModelsOut(models=out_models, samplers=list(SAMPLERS), schedules=list(SCHEDULES), max_batch=max_batch)
@@ -323,7 +460,8 @@ def create_app(pipes: dict[str, Pipeline], *, max_queue: int = 32, max_batch: in
 
 
 def serve(models: list[str], *, host: str = "127.0.0.1", port: int = 7860, max_queue: int = 32, max_batch: int = 8,
-          keep_jobs: int = 100, token: Optional[str] = None, out: Optional[Path] = None, device: str = "cpu") -> None:
+          keep_jobs: int = 100, token: Optional[str] = None, max_upload_mb: float = MAX_UPLOAD_BYTES / 2 ** 20,
+          max_upload_pixels: int = MAX_UPLOAD_PIXELS, out: Optional[Path] = None, device: str = "cpu") -> None:
     """Load the models and serve until interrupted."""
     import uvicorn
 
@@ -339,7 +477,8 @@ def serve(models: list[str], *, host: str = "127.0.0.1", port: int = 7860, max_q
         if pipe.name in pipes:
             raise ValueError(f"two models are named {pipe.name!r}; give each model once")
         pipes[pipe.name] = pipe
-    app = create_app(pipes, max_queue=max_queue, max_batch=max_batch, keep_jobs=keep_jobs, token=token, out=out)
+    app = create_app(pipes, max_queue=max_queue, max_batch=max_batch, keep_jobs=keep_jobs, token=token, out=out,
+                     max_upload_bytes=int(max_upload_mb * 2 ** 20), max_upload_pixels=max_upload_pixels)
     if not is_loopback(host) and token is None:
         print(f"warning: listening on {host}, reachable from other machines, without --token: anyone who can reach "
               f"this port can use the server; pass --token SECRET or --host 127.0.0.1", file=sys.stderr)

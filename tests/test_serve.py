@@ -1,8 +1,13 @@
-"""The HTTP job API: lifecycle, batching, cancellation, the bounded queue, validation, auth, determinism."""
+"""The HTTP job API: lifecycle, batching, cancellation, the bounded queue, validation, auth, determinism;
+edit jobs (img2img, inpaint) with uploaded images and their limits."""
 
+import base64
+import hashlib
 import io
 import json
+import struct
 import threading
+import zlib
 
 import numpy as np
 import pytest
@@ -11,6 +16,7 @@ from PIL import Image
 fastapi = pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
+from diffuse import edit  # noqa: E402
 from diffuse.pipeline import Pipeline, SampleSettings  # noqa: E402
 from diffuse.server import create_app  # noqa: E402
 
@@ -25,21 +31,22 @@ def pipe(tiny_text_model):
 
 
 class Gate:
-    """Wraps pipe.generate_batch so the worker blocks after its first solver step until released."""
+    """Wraps owner.name (pipe.generate_batch, or an edit function) so that the worker blocks after its
+    first solver step until released; records the seeds of every call."""
 
-    def __init__(self, pipe, monkeypatch):
+    def __init__(self, monkeypatch, owner, name):
         self.reached, self.release, self.calls = threading.Event(), threading.Event(), []
-        self.original = original = pipe.generate_batch
+        self.original = original = getattr(owner, name)
 
-        def gated(seeds, *, callback=None, **kw):
-            self.calls.append(list(seeds))
+        def gated(*args, callback=None, **kw):
+            self.calls.append(list(kw["seeds"] if "seeds" in kw else args[0]))
 
             def cb(info):
                 callback(info)
                 self.reached.set()
                 assert self.release.wait(30)
-            return original(seeds, callback=cb, **kw)
-        monkeypatch.setattr(pipe, "generate_batch", gated)
+            return original(*args, callback=cb, **kw)
+        monkeypatch.setattr(owner, name, gated)
 
 
 def client_for(pipe, **kw):
@@ -90,7 +97,7 @@ def test_lifecycle_events_and_images_match_the_pipeline(pipe):
 
 
 def test_same_settings_are_batched_and_stay_deterministic(pipe, monkeypatch):
-    gate = Gate(pipe, monkeypatch)
+    gate = Gate(monkeypatch, pipe, "generate_batch")
     with client_for(pipe, max_batch=8) as client:
         blocker = client.post("/v1/jobs", json={"prompt": CAPTIONS[2], "seed": 0, "steps": 2}).json()["id"]
         assert gate.reached.wait(30)
@@ -107,7 +114,7 @@ def test_same_settings_are_batched_and_stay_deterministic(pipe, monkeypatch):
 
 
 def test_cancel_mid_sampling_then_the_next_job_runs(pipe, monkeypatch):
-    gate = Gate(pipe, monkeypatch)
+    gate = Gate(monkeypatch, pipe, "generate_batch")
     with client_for(pipe) as client:
         running = client.post("/v1/jobs", json={"prompt": CAPTIONS[0], "steps": 4}).json()["id"]
         queued = client.post("/v1/jobs", json={"prompt": CAPTIONS[1], "steps": 4, "sampler": "heun"}).json()["id"]
@@ -127,7 +134,7 @@ def test_cancel_mid_sampling_then_the_next_job_runs(pipe, monkeypatch):
 
 
 def test_full_queue_answers_429_with_retry_after(pipe, monkeypatch):
-    gate = Gate(pipe, monkeypatch)
+    gate = Gate(monkeypatch, pipe, "generate_batch")
     with client_for(pipe, max_queue=2) as client:
         ids = [client.post("/v1/jobs", json={"prompt": CAPTIONS[0], "steps": 2}).json()["id"]]
         assert gate.reached.wait(30)  # the first job is running, so the queue is empty again
@@ -212,7 +219,8 @@ def test_token_guards_every_route_but_the_page(pipe):
     with client_for(pipe, token=TOKEN) as client:
         page = client.get("/")
         assert page.status_code == 200 and "<title>diffuse</title>" in page.text
-        for method, path in [("GET", "/v1/models"), ("POST", "/v1/jobs"), ("GET", "/v1/jobs/" + "0" * 32),
+        for method, path in [("GET", "/docs"), ("GET", "/openapi.json"), ("GET", "/v1/models"), ("POST", "/v1/jobs"),
+                             ("GET", "/v1/jobs/" + "0" * 32),
                              ("DELETE", "/v1/jobs/" + "0" * 32), ("GET", "/v1/jobs/" + "0" * 32 + "/events"),
                              ("GET", "/v1/jobs/" + "0" * 32 + "/images/0.png")]:
             for headers in (None, {"Authorization": "Bearer wrong-token"}, {"Authorization": TOKEN}):
@@ -222,6 +230,15 @@ def test_token_guards_every_route_but_the_page(pipe):
         assert r.status_code == 202
         assert wait_done(client, r.json()["id"], headers=good)[1]["status"] == "done"
         models = client.get("/v1/models", headers=good).json()
+        assert client.get("/openapi.json", headers=good).json()["paths"]
+        assert "swagger-ui" in client.get("/docs", headers=good).text
+        # the page's cookie opens the docs in a browser, but it is no token for the job routes
+        client.cookies.set("diffuse_token", TOKEN)
+        assert client.get("/docs").status_code == 200 and client.get("/openapi.json").status_code == 200
+        assert client.get("/v1/models").status_code == 401
+        assert client.post("/v1/jobs", json={"prompt": CAPTIONS[0]}).status_code == 401
+        client.cookies.set("diffuse_token", "wrong-token")
+        assert client.get("/openapi.json").status_code == 401
     assert models["models"][0]["name"] == pipe.name and models["models"][0]["defaults"]["steps"] == 4
     assert set(models["models"][0]["vocabulary"]) >= {"red", "circle", "triangle"} and "dpmpp_2m" in models["samplers"]
 
@@ -246,11 +263,22 @@ def test_openapi_schema_matches_the_routes(pipe):
     assert set(paths["/v1/jobs/{job_id}"]) == {"get", "delete"}
     assert "text/event-stream" in paths["/v1/jobs/{job_id}/events"]["get"]["responses"]["200"]["content"]
     assert "image/png" in paths["/v1/jobs/{job_id}/images/{index}.png"]["get"]["responses"]["200"]["content"]
-    request = schema["components"]["schemas"]["GenerateRequest"]
-    assert request["additionalProperties"] is False
-    assert set(request["properties"]) == {"kind", "model", "prompt", "negative_prompt", "class_label", "seed", "batch",
-                                          "sampler", "steps", "schedule", "cfg", "size"}
-    assert request["properties"]["steps"]["anyOf"][0] == {"type": "integer", "minimum": 1, "maximum": 1000}
+    body = paths["/v1/jobs"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    kinds = {"GenerateRequest": "generate", "Img2ImgRequest": "img2img", "InpaintRequest": "inpaint"}
+    assert body["oneOf"] == [{"$ref": f"#/components/schemas/{name}"} for name in kinds]
+    schemas = schema["components"]["schemas"]
+    common = {"kind", "model", "prompt", "negative_prompt", "class_label", "seed", "batch", "sampler", "steps", "schedule", "cfg"}
+    fields = {"GenerateRequest": {"size"}, "Img2ImgRequest": {"image", "resize", "strength"},
+              "InpaintRequest": {"image", "resize", "mask", "strength", "feather", "jumps", "jump_length", "binarize"}}
+    for name, kind in kinds.items():
+        request = schemas[name]
+        assert request["additionalProperties"] is False and set(request["properties"]) == common | fields[name]
+        assert request["properties"]["kind"]["const"] == kind
+        assert request["properties"]["steps"]["anyOf"][0] == {"type": "integer", "minimum": 1, "maximum": 1000}
+    assert set(schemas["InpaintRequest"]["required"]) == {"kind", "image", "mask"}
+    assert schemas["Img2ImgRequest"]["properties"]["strength"] == {"type": "number", "exclusiveMinimum": 0.0, "maximum": 1.0,
+                                                                  "default": 0.75, "title": "Strength",
+                                                                  "description": "fraction of the schedule to run; 1 redraws everything"}
     status = schema["components"]["schemas"]["JobOut"]["properties"]["status"]
     assert status["enum"] == ["queued", "running", "done", "failed", "cancelled"]
 
@@ -269,3 +297,168 @@ def test_non_loopback_without_token_warns(monkeypatch, capsys, pipe):
     assert "warning" not in capsys.readouterr().err
     with pytest.raises(ValueError, match="at least 8 characters"):
         server.serve(["x"], token="short")
+
+
+# ---------------------------------------------------------------- edit jobs
+
+YY, XX = np.mgrid[0:16, 0:16]
+PHOTO = np.stack([XX * 16, YY * 16, 255 - (XX + YY) * 8], -1).astype(np.uint8)  # gradients and a red square
+PHOTO[4:9, 5:11] = (250, 20, 30)
+RIGHT_HALF = np.zeros((16, 16), np.uint8)
+RIGHT_HALF[:, 8:] = 255
+EULER4 = {"sampler": "euler", "steps": 4}
+
+
+def png_file(arr: np.ndarray, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def b64(data: bytes, data_url: bool = False) -> str:
+    text = base64.b64encode(data).decode("ascii")
+    return "data:image/png;base64," + text if data_url else text
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height pixels, with a few bytes of pixel data (a decompression bomb's shape)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+def served_record(local_record: dict, upload: bytes) -> dict:
+    """What the server records for an edit of ``upload``: the local API's record, the upload named by hash."""
+    want = json.loads(json.dumps(local_record))
+    want["input_image"].update(sha256=hashlib.sha256(upload).hexdigest()[:10], format="PNG")
+    return want
+
+
+def test_img2img_job_matches_the_edit_api_and_resizes_only_when_asked(pipe):
+    upload = png_file(PHOTO)
+    body = {"kind": "img2img", "prompt": CAPTIONS[1], "image": b64(upload, data_url=True), "strength": 0.5, "seed": 3,
+            "batch": 2, **EULER4}
+    with client_for(pipe) as client:
+        job_id = client.post("/v1/jobs", json=body).json()["id"]
+        events, job = wait_done(client, job_id)
+        pngs = [client.get(im["url"]).content for im in job["images"]]
+        big = client.post("/v1/jobs", json={**body, "image": b64(png_file(np.repeat(PHOTO, 2, 0).repeat(2, 1))),
+                                            "resize": True, "batch": 1}).json()["id"]
+        resized = wait_done(client, big)[1]
+    assert job["kind"] == "img2img" and job["status"] == "done"
+    assert job["progress"] == {"step": 2, "steps": 2, "nfe": 2, "eta_s": None}  # strength 0.5 of 4 euler steps
+    assert job["params"]["image"] == {"sha256": hashlib.sha256(upload).hexdigest()[:10], "bytes": len(upload),
+                                      "width": 16, "height": 16, "format": "PNG"}
+    assert any(e[1]["preview"] for e in events)
+    expected = edit.img2img(pipe, Image.open(io.BytesIO(upload)), CAPTIONS[1], strength=0.5, seeds=[3, 4],
+                            settings=SampleSettings(sampler="euler", steps=4, cfg=2.0))
+    for image, png, want in zip(job["images"], pngs, expected):
+        np.testing.assert_array_equal(png_pixels(png), np.asarray(want.image))
+        assert image["record"] == json.loads(Image.open(io.BytesIO(png)).text["diffuse"]) == served_record(want.record, upload)
+        assert image["record"]["kind"] == "img2img" and image["record"]["steps_run"] == 2
+        assert Image.open(io.BytesIO(png)).text["parameters"].endswith("Denoising strength: 0.5")
+    assert resized["status"] == "done"
+    assert resized["images"][0]["record"]["input_conversions"] == ["resized the 32x32 image to 16x16 (Lanczos)"]
+
+
+def test_inpaint_job_keeps_unmasked_pixels_exactly_and_chains_records(pipe):
+    first = png_file(PHOTO)
+    body = {"kind": "inpaint", "prompt": CAPTIONS[1], "mask": b64(png_file(RIGHT_HALF)), "seed": 5, "jumps": 1,
+            "jump_length": 2, **EULER4}
+    with client_for(pipe) as client:
+        done = wait_done(client, client.post("/v1/jobs", json={**body, "image": b64(first)}).json()["id"])[1]
+        second = client.get(done["images"][0]["url"]).content  # a diffuse PNG, inpainted again: its record travels
+        again = wait_done(client, client.post("/v1/jobs", json={**body, "image": b64(second)}).json()["id"])[1]
+        png = client.get(again["images"][0]["url"]).content
+    assert done["status"] == again["status"] == "done"
+    assert done["progress"]["steps"] == 6  # RePaint: blocks (0, 2) twice, then (2, 4)
+    out = png_pixels(second)
+    np.testing.assert_array_equal(out[:, :8], PHOTO[:, :8])  # kept: exactly the input
+    assert np.abs(out[:, 8:].astype(int) - PHOTO[:, 8:]).mean() > 10  # replaced: redrawn
+    [want] = edit.inpaint(pipe, Image.open(io.BytesIO(first)), RIGHT_HALF // 255, CAPTIONS[1], seeds=[5], jumps=1,
+                          jump_length=2, settings=SampleSettings(sampler="euler", steps=4, cfg=2.0))
+    np.testing.assert_array_equal(out, np.asarray(want.image))
+    record = done["images"][0]["record"]
+    assert record["mask"]["replaced_fraction"] == 0.5
+    assert record["mask"]["sha256"] == hashlib.sha256(png_file(RIGHT_HALF)).hexdigest()[:10]
+    assert record["input_record"] is None and again["images"][0]["record"]["input_record"] == record
+    np.testing.assert_array_equal(png_pixels(png)[:, :8], PHOTO[:, :8])
+
+
+def test_cancel_an_edit_mid_sampling_and_batch_edits_of_one_image(pipe, monkeypatch):
+    gate = Gate(monkeypatch, edit, "img2img")
+    image = b64(png_file(PHOTO))
+    body = {"kind": "img2img", "prompt": CAPTIONS[0], "image": image, "strength": 1.0, **EULER4}
+    with client_for(pipe) as client:
+        running = client.post("/v1/jobs", json=body).json()["id"]
+        assert gate.reached.wait(30)
+        same = [client.post("/v1/jobs", json={**body, "seed": s}).json()["id"] for s in (5, 7)]
+        other = client.post("/v1/jobs", json={**body, "strength": 0.5, "seed": 9}).json()["id"]  # other settings
+        r = client.delete(f"/v1/jobs/{running}")
+        assert r.status_code == 200 and r.json()["status"] == "cancelled"
+        gate.release.set()
+        jobs = [wait_done(client, i)[1] for i in [*same, other]]
+        cancelled = client.get(f"/v1/jobs/{running}").json()
+    # stopped by the callback after the first of 4 steps (euler: 1 NFE), no images
+    assert cancelled["status"] == "cancelled" and cancelled["images"] == []
+    assert (cancelled["progress"]["step"], cancelled["progress"]["nfe"]) == (1, 1)
+    assert gate.calls == [[0], [5, 7], [9]] and [j["status"] for j in jobs] == ["done"] * 3
+
+
+GIF = png_file(PHOTO, "GIF")
+NOT_SQUARE, SIDE_17 = png_file(PHOTO[:8]), png_file(np.zeros((17, 17, 3), np.uint8))
+GRAY_MASK = RIGHT_HALF.copy()
+GRAY_MASK[0, 0] = 77
+
+
+@pytest.mark.parametrize("change, limits, field, words", [
+    ({"image": "%%% not base64"}, {}, "image", "not valid base64"),
+    ({"image": b64(b"not a picture")}, {}, "image", "not a PNG, JPEG or WebP image"),
+    ({"image": b64(GIF)}, {}, "image", "not a PNG, JPEG or WebP image"),
+    ({"image": "data:image/png,abc"}, {}, "image", "data URL without base64"),
+    ({}, {"max_upload_pixels": 255}, "image", "16x16 (256 pixels), more than this server's limit of 255 pixels"),
+    ({"image": b64(png_header_only(3000, 3000))}, {}, "image", "3000x3000 (9000000 pixels), more than this server's limit"),
+    ({"image": b64(png_header_only(100_000, 100_000))}, {}, "image", "has more than this server's limit of 4194304 pixels"),
+    ({"image": b64(NOT_SQUARE)}, {}, "image", "16x8 but this model makes square images"),
+    ({"image": b64(SIDE_17)}, {}, "image", "cannot make 17x17 images; it makes 16x16 (multiples of 2); pass --resize (resize=True)"),
+    ({"mask": b64(NOT_SQUARE)}, {}, "mask", "the mask is 16x8 but the image is 16x16"),
+    ({"mask": b64(png_file(np.zeros((16, 16), np.uint8)))}, {}, "mask", "the mask is all black"),
+    ({"mask": b64(png_file(np.full((16, 16), 255, np.uint8)))}, {}, "mask", "the mask is all white"),
+    ({"mask": b64(png_file(GRAY_MASK))}, {}, "mask", "1 gray pixels"),
+    ({"mask": None}, {}, "mask", "Field required"),
+    ({"strength": 0.2}, {}, "strength", "strength 0.2 with 4 steps runs 0 steps"),
+    ({"strength": 0}, {}, "strength", "greater than 0"),
+    ({"feather": -1}, {}, "feather", "greater than or equal to 0"),
+    ({"prompt": "a nude circle"}, {}, "prompt", "refused by block rule word: nude"),
+    ({"size": 16}, {}, "size", "Extra inputs are not permitted"),
+    ({"kind": "upscale"}, {}, "kind", "unknown job kind 'upscale'; known kinds: generate, img2img, inpaint"),
+])
+def test_edit_request_errors_name_the_field(pipe, change, limits, field, words):
+    body = {"kind": "inpaint", "prompt": CAPTIONS[0], "image": b64(png_file(PHOTO)), "mask": b64(png_file(RIGHT_HALF)),
+            **EULER4, **change}
+    with client_for(pipe, **limits) as client:
+        r = client.post("/v1/jobs", json={k: v for k, v in body.items() if v is not None})
+    assert r.status_code == 422, r.text
+    (err,) = r.json()["detail"]
+    assert err["loc"] == ["body", field] and err["msg"].startswith(field + ": ") and words in err["msg"], err
+
+
+def test_uploads_over_the_byte_limit_get_413_naming_the_field(pipe):
+    image, mask = png_file(PHOTO), png_file(RIGHT_HALF)
+    body = {"kind": "inpaint", "prompt": CAPTIONS[0], "image": b64(image), "mask": b64(mask)}
+    with client_for(pipe, max_upload_bytes=len(mask)) as client:
+        r = client.post("/v1/jobs", json=body)
+        assert r.status_code == 413
+        assert r.json()["detail"] == (f"image: the image is {len(image)} bytes, over this server's limit of {len(mask)} bytes "
+                                      f"(--max-upload-mb); send a smaller file")
+        assert client.post("/v1/jobs", json={**body, "image": b64(mask)}).status_code == 202  # within the limit
+    limit = 2 * 4 * -(-len(image) // 3) + 2 ** 20  # the body limit follows the upload limit: two uploads in base64 + 1 MB
+    with client_for(pipe, max_upload_bytes=len(image)) as client:
+        for size in (limit, limit + 1):
+            padding = size - len(json.dumps({**body, "image": ""}))  # valid base64 (a multiple of 4), then JSON whitespace
+            content = json.dumps({**body, "image": "A" * (padding - padding % 4)}) + " " * (padding % 4)
+            r = client.post("/v1/jobs", content=content, headers={"content-type": "application/json"})
+            assert r.status_code == 413
+            assert r.json()["detail"].startswith("image: the image is" if size == limit else
+                                                 f"request body of {limit + 1} bytes is over the limit of {limit}")
