@@ -95,8 +95,8 @@ def settings_key(s: SampleSettings) -> Hashable:
 
 
 @dataclass(frozen=True)
-class GenerateParams:
-    """A text-to-image (or class-to-image) job: ``images`` seeds starting at ``seed``."""
+class JobParams:
+    """What every job kind has: ``images`` seeds starting at ``seed``, the conditioning and the sampling settings."""
 
     model: str
     prompt: Optional[str]
@@ -105,6 +105,12 @@ class GenerateParams:
     seed: int
     images: int
     settings: SampleSettings
+
+
+@dataclass(frozen=True)
+class GenerateParams(JobParams):
+    """A text-to-image (or class-to-image) job."""
+
     size: int
 
     def batch_key(self) -> Hashable:
@@ -179,16 +185,9 @@ def image_record(im: Image.Image, what: str) -> Optional[dict[str, Any]]:
 
 
 @dataclass(frozen=True)
-class EditParams:
-    """An img2img or inpaint job (see :mod:`diffuse.edit`): ``images`` seeds starting at ``seed`` on one uploaded image."""
+class EditParams(JobParams):
+    """An img2img or inpaint job (see :mod:`diffuse.edit`) on one uploaded image."""
 
-    model: str
-    prompt: Optional[str]
-    negative_prompt: Optional[str]
-    class_label: Optional[int]
-    seed: int
-    images: int
-    settings: SampleSettings
     image: Upload
     strength: float
     resize: bool

@@ -27,6 +27,7 @@ import json
 import math
 import secrets
 import sys
+import urllib.parse
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Iterator, Literal, Optional, Union
@@ -77,6 +78,8 @@ def field_errors(field: str) -> Iterator[None]:
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
+    """What one request may ask of this server: images per job, and bytes and pixels per uploaded file."""
+
     max_batch: int = 8
     max_upload_bytes: int = MAX_UPLOAD_BYTES
     max_upload_pixels: int = MAX_UPLOAD_PIXELS
@@ -317,7 +320,8 @@ def create_app(pipes: dict[str, Pipeline], *, max_queue: int = 32, max_batch: in
 
     def authorized_docs(request: Request, creds: Optional[HTTPAuthorizationCredentials] = Depends(bearer)) -> None:
         """The header, or the page's SameSite=Strict cookie (read-only routes only, so it cannot submit jobs)."""
-        check_token(creds.credentials if creds else request.cookies.get(TOKEN_COOKIE))
+        cookie = request.cookies.get(TOKEN_COOKIE)
+        check_token(creds.credentials if creds else None if cookie is None else urllib.parse.unquote(cookie))
 
     auth = [Depends(authorized)]
     unauthorized = {401: {"model": Error, "description": "missing or wrong bearer token (servers started with --token)"}}
