@@ -83,7 +83,7 @@ def test_lifecycle_events_and_images_match_the_pipeline(pipe):
         steps_seen = [e[1]["progress"]["step"] for e in events if e[0] == "progress" and e[1]["status"] == "running"]
         assert steps_seen == sorted(steps_seen) and set(steps_seen) <= {0, 1, 2, 3}
         previews = [e[1]["preview"] for e in events if e[1]["preview"]]
-        assert previews and png_pixels(__import__("base64").b64decode(previews[-1])).shape == (16, 16, 3)
+        assert previews and png_pixels(base64.b64decode(previews[-1])).shape == (16, 16, 3)
         expected = pipe.generate_batch([5, 6], prompts=[CAPTIONS[0]] * 2, settings=SampleSettings(sampler="euler", steps=3, cfg=2.0))
         assert [im["seed"] for im in job["images"]] == [5, 6]
         for image, want in zip(job["images"], expected):
@@ -94,6 +94,34 @@ def test_lifecycle_events_and_images_match_the_pipeline(pipe):
             assert json.loads(png.text["diffuse"]) == image["record"] == json.loads(json.dumps(want.record))
             assert png.text["parameters"].startswith(CAPTIONS[0] + "\nSteps: 3, Sampler: Euler")
         assert client.get(f"/v1/jobs/{job_id}/images/2.png").status_code == 404
+
+
+def test_a_latent_models_preview_is_its_decoded_estimate_at_the_output_size(tmp_path, random_model, monkeypatch):
+    from test_vae import latent_model_cfg, random_vae
+
+    from diffuse import jobs
+    from diffuse.codec import VAECodec
+    from diffuse.plot import to_uint8
+
+    random_model(latent_model_cfg("vae")).save(tmp_path / "m")  # 8x8x4 latents
+    VAECodec(random_vae(), scale=0.5, shift=0.1).save(tmp_path / "m" / "vae")  # factor 4: 32x32 RGB
+    latent = Pipeline.load(tmp_path / "m")
+    monkeypatch.setattr(jobs, "PREVIEW_SHARE", 1.0)  # decode a preview at every step
+    estimates = []
+    original = latent.generate_batch
+
+    def recording(*args, callback, **kw):
+        return original(*args, callback=lambda info: (estimates.append(info.denoised), callback(info)), **kw)
+    monkeypatch.setattr(latent, "generate_batch", recording)
+    with client_for(latent) as client:
+        events, job = wait_done(client, client.post("/v1/jobs", json={"seed": 2, "steps": 3, "sampler": "euler"}).json()["id"])
+        final = png_pixels(client.get(job["images"][0]["url"]).content)
+    assert job["status"] == "done" and len(estimates) == 3
+    preview = png_pixels(base64.b64decode(events[-1][1]["preview"]))  # the done event has the last step's preview
+    assert preview.shape == final.shape == (32, 32, 3)
+    np.testing.assert_array_equal(preview, to_uint8(latent.codec.decode(estimates[-1]))[0])
+    # euler's last step lands on its last estimate, so the last preview is the result (up to float rounding)
+    assert np.abs(preview.astype(int) - final).max() <= 1
 
 
 def test_same_settings_are_batched_and_stay_deterministic(pipe, monkeypatch):
