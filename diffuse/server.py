@@ -14,7 +14,8 @@ browser can open them):
 * ``DELETE /v1/jobs/{id}``: cancel; a running job stops after the current solver step.
 * ``GET /v1/jobs/{id}/images/{n}.png``: result n, a PNG with the generation record (names are the server's).
 * ``GET /v1/models``: the loaded models, their sampling defaults, samplers and schedules.
-* ``GET /docs``, ``GET /openapi.json``: the interactive API documentation and its schema.
+* ``GET /docs``, ``GET /openapi.json``: the API documentation (a self-contained page, :mod:`diffuse.apidocs`)
+  and its schema.
 """
 
 from __future__ import annotations
@@ -33,10 +34,10 @@ from typing import Optional
 
 from fastapi import Depends, FastAPI, HTTPException, Path as PathParam, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from . import apidocs
 from .jobs import FINAL, KINDS, Job, JobQueue, QueueFull
 from .pipeline import Pipeline
 from .samplers import SAMPLERS
@@ -162,13 +163,14 @@ def create_app(pipes: dict[str, Pipeline], *, max_queue: int = 32, max_batch: in
 
     @app.get("/docs", include_in_schema=False, dependencies=[Depends(authorized_docs)])
     def docs() -> HTMLResponse:
-        return get_swagger_ui_html(openapi_url="/openapi.json", title="diffuse API")
+        return HTMLResponse(apidocs.render(app.openapi()))
 
     @app.post("/v1/jobs", status_code=202, response_model=JobCreated, dependencies=auth,
               responses={**unauthorized, 411: {"model": Error},
                          413: {"model": Error, "description": "the body, or an upload (named), is over the server's limit"},
                          429: {"model": Error, "description": "the queue is full; retry after the Retry-After header's seconds"}})
     def create_job(request: JobRequest) -> JobCreated:
+        """Queue a job of one kind (generate, img2img, inpaint); answers at once with its id."""
         try:
             params = request.params(pipes, limits)
         except FieldError as e:
@@ -184,10 +186,12 @@ def create_app(pipes: dict[str, Pipeline], *, max_queue: int = 32, max_batch: in
 
     @app.get("/v1/jobs/{job_id}", response_model=JobOut, dependencies=auth, responses={**unauthorized, **not_found})
     def get_job(job_id: str = job_id_param) -> JobOut:
+        """The job's status, progress (step, NFE, ETA), queue position and results."""
         return job_out(job_or_404(job_id))
 
     @app.delete("/v1/jobs/{job_id}", response_model=JobOut, dependencies=auth, responses={**unauthorized, **not_found})
     def cancel_job(job_id: str = job_id_param) -> JobOut:
+        """Cancel a job: a queued one is dropped, a running one stops after the current solver step."""
         job_or_404(job_id)
         return job_out(queue.cancel(job_id))
 
@@ -197,6 +201,7 @@ def create_app(pipes: dict[str, Pipeline], *, max_queue: int = 32, max_batch: in
               "GET /v1/jobs/{id}, plus `preview`, a base64 PNG of the current denoised estimate), then one final "
               "`done`, `failed` or `cancelled` event"}})
     async def job_events(job_id: str = job_id_param) -> StreamingResponse:
+        """The job's changes as server-sent events, with a preview of the current estimate, until it finishes."""
         job_or_404(job_id)
 
         async def stream():
@@ -222,6 +227,7 @@ def create_app(pipes: dict[str, Pipeline], *, max_queue: int = 32, max_batch: in
              responses={**unauthorized, 404: {"model": Error, "description": "no such job or image"},
                         200: {"content": {"image/png": {}}, "description": "PNG with `parameters` and `diffuse` text chunks"}})
     def job_image(job_id: str = job_id_param, index: int = PathParam(ge=0)) -> Response:
+        """Result image ``index`` as a PNG with its generation record (file names are the server's)."""
         job = job_or_404(job_id)
         if index >= len(job.pngs):
             raise HTTPException(404, f"job {job_id} has {len(job.pngs)} images (status {job.status})")
@@ -230,6 +236,7 @@ def create_app(pipes: dict[str, Pipeline], *, max_queue: int = 32, max_batch: in
 
     @app.get("/v1/models", response_model=ModelsOut, dependencies=auth, responses=unauthorized)
     def models() -> ModelsOut:
+        """The loaded models with their sampling defaults and vocabulary; the samplers and schedules."""
         out_models = []
         for name, pipe in pipes.items():
             m = pipe.model

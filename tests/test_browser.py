@@ -173,3 +173,9 @@ def test_the_token_form_unlocks_the_page_and_the_docs(token_server_url, page):
     status = "async (path) => (await fetch(path)).status"  # no header: only the page's cookie
     assert page.evaluate(status, "/openapi.json") == 200 and page.evaluate(status, "/docs") == 200
     assert page.evaluate(status, "/v1/models") == 401
+    # the docs page renders from the server alone (no CDN): it loads nothing from another origin
+    requested = []
+    page.on("request", lambda request: requested.append(request.url))
+    page.goto(token_server_url + "docs")
+    assert page.inner_text("h1") == "diffuse API 1" and page.is_visible("#schema-InpaintRequest")
+    assert requested and all(url.startswith(token_server_url) for url in requested), requested

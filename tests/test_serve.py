@@ -3,8 +3,10 @@ edit jobs (img2img, inpaint) with uploaded images and their limits."""
 
 import base64
 import hashlib
+import html
 import io
 import json
+import re
 import struct
 import threading
 import zlib
@@ -259,7 +261,7 @@ def test_token_guards_every_route_but_the_page(pipe):
         assert wait_done(client, r.json()["id"], headers=good)[1]["status"] == "done"
         models = client.get("/v1/models", headers=good).json()
         assert client.get("/openapi.json", headers=good).json()["paths"]
-        assert "swagger-ui" in client.get("/docs", headers=good).text
+        assert "<h1>diffuse API 1</h1>" in client.get("/docs", headers=good).text
         # the page's cookie opens the docs in a browser, but it is no token for the job routes
         client.cookies.set("diffuse_token", TOKEN)
         assert client.get("/docs").status_code == 200 and client.get("/openapi.json").status_code == 200
@@ -309,6 +311,34 @@ def test_openapi_schema_matches_the_routes(pipe):
                                                                   "description": "fraction of the schedule to run; 1 redraws everything"}
     status = schema["components"]["schemas"]["JobOut"]["properties"]["status"]
     assert status["enum"] == ["queued", "running", "done", "failed", "cancelled"]
+
+
+def test_docs_page_is_self_contained_and_shows_every_route_kind_and_field(pipe):
+    with client_for(pipe) as client:
+        schema = client.get("/openapi.json").json()
+        r = client.get("/docs")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    page = r.text
+    # nothing from elsewhere: no absolute URL, no script, every link inside the page or the server
+    assert not re.search(r"https?:|<script|@import|url\(", page, re.I)
+    links = re.findall(r'(?:href|src)="([^"]*)"', page)
+    assert links and all(re.match(r"#|/(?!/)", link) for link in links), links
+    for path, ops in schema["paths"].items():
+        for method in ops:
+            assert f'<span class="method">{method.upper()}</span> {html.escape(path)}</h3>' in page
+    assert 'one of <a href="#schema-GenerateRequest">GenerateRequest</a> or <a href="#schema-Img2ImgRequest">' in page
+
+    def section(name):
+        start = page.index(f'<h3 id="schema-{name}">')
+        return page[start:page.find("<h3", start + 1)]
+    for name in ("GenerateRequest", "Img2ImgRequest", "InpaintRequest", "JobOut"):
+        rows = re.findall(r"<tr><td>(?:<span class=\"required\">)?(\w+)", section(name))
+        assert rows == list(schema["components"]["schemas"][name]["properties"]), name
+    assert ('<tr><td>strength</td><td>number</td><td>&gt; <code>0</code>, &lt;= <code>1</code></td><td><code>0.75</code></td>'
+            '<td>fraction of the schedule to run; 1 redraws everything</td></tr>') in section("Img2ImgRequest")
+    assert '<td><span class="required">mask</span></td><td>string</td>' in section("InpaintRequest")
+    assert ('<tr><td>seed</td><td>integer</td><td>&gt;= <code>0</code>, &lt; <code>9223372036854775808</code></td>'
+            '<td><code>0</code></td>') in section("GenerateRequest")
 
 
 def test_non_loopback_without_token_warns(monkeypatch, capsys, pipe):
