@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 if TYPE_CHECKING:
+    from .credentials import SigningKeys
     from .evaluate import AdherenceRun
-    from .pipeline import Pipeline, SampleSettings
+    from .pipeline import Generated, Pipeline, SampleSettings
 
 EXAMPLES = {
     "train": "diffuse train --preset tiny --out runs/tiny\n  diffuse train --preset shapes-t2i --out runs/shapes --set train.lr=2e-4 --max-steps 5000\n  diffuse train --out runs/shapes --resume",
@@ -36,7 +37,8 @@ EXAMPLES = {
              "  diffuse serve --model shapes --host 0.0.0.0 --token \"$(openssl rand -hex 16)\"",
     "adherence": "diffuse eval adherence --model shapes --n-per-family 200 --cfg 3 --json adherence.json\n"
                  "  diffuse eval adherence --images out/",
-    "replay": "diffuse replay out/a-red-circle-s0.png\n  diffuse replay image.png --model models/my-shapes --tolerance 0.5",
+    "replay": "diffuse replay out/a-red-circle-s0.png\n  diffuse replay image.png --model models/my-shapes --tolerance 0.5\n"
+              "  diffuse replay out/photo-inpaint-s0.png --input photo.png",
     "verify": "diffuse verify out/a-red-circle-s0.png --trust keys/root.pem",
     "init": "diffuse keys init --out keys/",
     "keys": "diffuse keys init --out keys/\n  diffuse generate \"a red circle\" --size 256 --sign keys/ --out out/",
@@ -160,15 +162,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     images = pipe(args.prompt, negative=args.negative, class_label=args.class_label, seeds=seeds, settings=settings,
                   size=args.size, batch_size=args.batch_size, callback=lambda info: bar.update(len(info.x)))
     bar.close()
-    for item, path in zip(images, paths):
-        item.save(path, overwrite=args.overwrite)
-        if keys is not None:
-            from .credentials import sign_png
-
-            sign_png(path, keys, item.record)
-        print(path)
-    if not images[0].record["watermark"]["applied"] and not args.quiet:
-        print(f"note: no invisible watermark was added: {images[0].record['watermark']['reason']}", file=sys.stderr)
+    _write_results(images, paths, args, keys)
     if args.grid:
         import numpy as np
 
@@ -178,13 +172,28 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _write_results(items: Sequence["Generated"], paths: Sequence[Path], args: argparse.Namespace, keys: Optional["SigningKeys"],
+                   ingredient: Optional[Path] = None) -> None:
+    """Save each result PNG (signed with --sign; an edit's input file is the manifest's ingredient), print its
+    path, and say when no watermark was added."""
+    from .credentials import sign_png
+
+    for item, path in zip(items, paths):
+        item.save(path, overwrite=args.overwrite)
+        if keys is not None:
+            sign_png(path, keys, item.record, ingredient=ingredient)
+        print(path)
+    if not items[0].record["watermark"]["applied"] and not args.quiet:
+        print(f"note: no invisible watermark was added: {items[0].record['watermark']['reason']}", file=sys.stderr)
+
+
 def cmd_edit(args: argparse.Namespace) -> int:
     from .edit import run_edit
 
     return run_edit(args)
 
 
-def _provenance_options(pipe: "Pipeline", args: argparse.Namespace):
+def _provenance_options(pipe: "Pipeline", args: argparse.Namespace) -> Optional["SigningKeys"]:
     """Apply --blocklist and --no-watermark to the pipeline; the signing keys of --sign (or None)."""
     from .credentials import SigningKeys
     from .safety import PromptFilter
@@ -198,7 +207,8 @@ def _provenance_options(pipe: "Pipeline", args: argparse.Namespace):
 def cmd_replay(args: argparse.Namespace) -> int:
     from .replay import replay
 
-    report = replay(args.image, model=args.model, device=args.device, tolerance=args.tolerance)
+    report = replay(args.image, model=args.model, device=args.device, tolerance=args.tolerance, input_image=args.input,
+                    mask=args.mask)
     print("\n".join(report.lines()))
     return 0 if report.matched else 1
 
@@ -455,6 +465,13 @@ def _generation_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
+def _provenance_flags(p: argparse.ArgumentParser) -> None:
+    """--no-watermark, --sign, --blocklist: for generate and every edit."""
+    p.add_argument("--no-watermark", action="store_true", help="do not add the invisible watermark (recorded in the PNG)")
+    p.add_argument("--sign", metavar="KEYDIR", help="sign each PNG with C2PA content credentials (chain.pem + signer.key in KEYDIR)")
+    p.add_argument("--blocklist", metavar="FILE", help="prompt block list replacing the default one ('none': no list)")
+
+
 def _edit_flags(edit: str, p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", required=True, help="input image (PNG, JPEG, WebP); never overwritten")
     p.add_argument("--prompt", help="what the result shows (text models)")
@@ -516,15 +533,16 @@ def build_parser() -> argparse.ArgumentParser:
     _correction_flags(p)
     p.add_argument("--size", type=int, help="image size in pixels; default: the model's native size")
     p.add_argument("--grid", action="store_true", help="also write a grid of all images")
-    p.add_argument("--no-watermark", action="store_true", help="do not add the invisible watermark (recorded in the PNG)")
-    p.add_argument("--sign", metavar="KEYDIR", help="sign each PNG with C2PA content credentials (chain.pem + signer.key in KEYDIR)")
-    p.add_argument("--blocklist", metavar="FILE", help="prompt block list replacing the default one ('none': no list)")
+    _provenance_flags(p)
 
     p = _subparser(subs, "edit", "Edit an image: img2img (SDEdit), inpaint, outpaint, invert.")
     edits = p.add_subparsers(dest="edit", metavar="EDIT")
     edits.required = True
     for name, help_text in EDITS.items():
-        _edit_flags(name, _generation_flags(_subparser(edits, name, help_text)))
+        sub = _generation_flags(_subparser(edits, name, help_text))
+        _edit_flags(name, sub)
+        _correction_flags(sub)
+        _provenance_flags(sub)
 
     p = _subparser(subs, "eval", "Evaluate a model or a folder of images.")
     metrics = p.add_subparsers(dest="metric", metavar="METRIC")
@@ -586,9 +604,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
 
     p = _subparser(subs, "replay", "Regenerate a PNG from its generation record and compare the pixels "
-                   "(bit-exact on the same software, else within --tolerance); exit status 1 when they differ.")
-    p.add_argument("image", help="PNG written by diffuse generate")
-    p.add_argument("--model", help="model folder, when the record's model is not a shipped one")
+                   "(bit-exact on the same software, else within --tolerance); exit status 1 when they differ. "
+                   "An edit's input is regenerated from its chained record, or given with --input.")
+    p.add_argument("image", help="PNG written by diffuse generate or diffuse edit")
+    p.add_argument("--model", action="append", help="model folder, when the record's model is not a shipped one "
+                   "(repeatable: for a chain of edits made with several models; matched by hash)")
+    p.add_argument("--input", metavar="IN.png", help="an edit's input image (checked against the record's pixel hash); "
+                   "needed when the input has no diffuse record of its own")
+    p.add_argument("--mask", metavar="MASK.png", help="an inpainting's mask, when it was too large to embed in the record")
     p.add_argument("--device", default="cpu", help="device to regenerate on")
     p.add_argument("--tolerance", type=float, default=1.0, help="largest mean |pixel difference| (8-bit levels) accepted "
                    "when the software differs from the record's")

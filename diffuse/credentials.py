@@ -4,8 +4,11 @@ A signed PNG carries a C2PA manifest (the ``caBX`` chunk) whose claim, signed wi
 holds a hash of every other byte of the file plus two assertions:
 
 * ``c2pa.actions``: ``c2pa.created`` with IPTC digitalSourceType ``trainedAlgorithmicMedia``
-  (an edit, record kind other than "generate", is ``c2pa.edited`` with
-  ``compositeWithTrainedAlgorithmicMedia``), and diffuse as the software agent;
+  and diffuse as the software agent. An edit (record kind other than "generate") is
+  ``c2pa.opened`` of its input, then ``c2pa.edited`` with ``compositeWithTrainedAlgorithmicMedia``;
+  the input file is embedded as the ``parentOf`` ingredient, so a signed input keeps its own
+  manifest inside the edit's (a provenance chain). The SDK refuses a manifest whose first
+  action is neither created nor opened, so an edit cannot be signed without its input;
 * ``org.diffuse.generation``: ``{"record": JSON}``, the generation record as the same JSON text
   as the PNG's ``diffuse`` chunk. (It is kept as a string because the SDK's JSON-to-CBOR
   conversion turns arrays of numbers, such as the sigmas, into byte strings.)
@@ -128,27 +131,64 @@ class SigningKeys:
 
 # ---------------------------------------------------------------- signing
 
+INGREDIENT_LABEL = "input"
+
+
+def is_edit(record: dict[str, Any]) -> bool:
+    return record.get("kind", "generate") != "generate"
+
+
 def manifest_for(record: dict[str, Any], title: str) -> dict[str, Any]:
-    """The C2PA manifest definition for an image with generation ``record``."""
+    """The C2PA manifest definition for an image with generation ``record`` (an edit's refers to
+    the ingredient labelled INGREDIENT_LABEL, which :func:`sign_png_bytes` adds)."""
     agent = {"name": "diffuse", "version": __version__}
-    if record.get("kind", "generate") == "generate":
-        action = {"action": "c2pa.created", "digitalSourceType": IPTC + "trainedAlgorithmicMedia", "softwareAgent": agent}
+    if not is_edit(record):
+        actions = [{"action": "c2pa.created", "digitalSourceType": IPTC + "trainedAlgorithmicMedia", "softwareAgent": agent}]
     else:
-        action = {"action": "c2pa.edited", "digitalSourceType": IPTC + "compositeWithTrainedAlgorithmicMedia",
-                  "softwareAgent": agent}
+        actions = [{"action": "c2pa.opened", "parameters": {"ingredientIds": [INGREDIENT_LABEL]}},
+                   {"action": "c2pa.edited", "digitalSourceType": IPTC + "compositeWithTrainedAlgorithmicMedia",
+                    "softwareAgent": agent}]
     return {
         "claim_generator_info": [agent],
         "title": title,
         "format": "image/png",
         "assertions": [
-            {"label": "c2pa.actions", "data": {"actions": [action]}},
+            {"label": "c2pa.actions", "data": {"actions": actions}},
             {"label": ASSERTION_LABEL, "data": {"record": json.dumps(record, sort_keys=True)}},
         ],
     }
 
 
-def sign_png_bytes(png: bytes, record: dict[str, Any], keys: SigningKeys, title: str = "image.png") -> bytes:
-    """``png`` with a signed C2PA manifest embedded (no thumbnail, no timestamp authority)."""
+@dataclass(frozen=True)
+class Ingredient:
+    """An edit's input file as it goes into the manifest: its bytes, MIME type and title (file name)."""
+
+    data: bytes
+    mime: str
+    title: str
+
+    @classmethod
+    def from_file(cls, path: Path) -> "Ingredient":
+        from PIL import Image, UnidentifiedImageError
+
+        path = Path(path)
+        try:
+            with Image.open(path) as im:
+                mime = Image.MIME.get(im.format or "")
+        except (OSError, UnidentifiedImageError):
+            mime = None
+        if mime is None:
+            raise ValueError(f"cannot tell the image type of {path}, the edit's input, to add it to the content credentials")
+        return cls(path.read_bytes(), mime, path.name)
+
+
+def sign_png_bytes(png: bytes, record: dict[str, Any], keys: SigningKeys, title: str = "image.png",
+                   ingredient: Optional[Ingredient] = None) -> bytes:
+    """``png`` with a signed C2PA manifest embedded (no thumbnail, no timestamp authority); an edit's
+    record needs its input as ``ingredient``."""
+    if is_edit(record) and ingredient is None:
+        raise ValueError(f"signing a {record['kind']} result needs its input image as the C2PA ingredient "
+                         f"(sign_png(..., ingredient=INPUT_FILE)); the manifest must say what was edited")
     c2pa = _c2pa()
     context = c2pa.Context(c2pa.Settings.from_dict({"builder": {"thumbnail": {"enabled": False}}}))
     try:
@@ -157,19 +197,29 @@ def sign_png_bytes(png: bytes, record: dict[str, Any], keys: SigningKeys, title:
         raise ValueError(f"the signing certificate chain or key is not usable for ES256 C2PA signing ({e})") from None
     out = io.BytesIO()
     with signer, c2pa.Builder(manifest_for(record, title), context=context) as builder:
+        if ingredient is not None:
+            try:
+                builder.add_ingredient({"title": ingredient.title, "relationship": "parentOf", "label": INGREDIENT_LABEL},
+                                       ingredient.mime, io.BytesIO(ingredient.data))
+            except c2pa.C2paError as e:
+                raise ValueError(f"cannot add {ingredient.title} ({ingredient.mime}) to the content credentials as the "
+                                 f"edit's ingredient ({e})") from None
         builder.sign(signer, "image/png", io.BytesIO(png), out)
     return out.getvalue()
 
 
-def sign_png(path: Path, keys: SigningKeys, record: Optional[dict[str, Any]] = None) -> Path:
-    """Sign a PNG in place (written to a temp file, then renamed); the record defaults to the PNG's own."""
+def sign_png(path: Path, keys: SigningKeys, record: Optional[dict[str, Any]] = None,
+             ingredient: Optional[Path] = None) -> Path:
+    """Sign a PNG in place (written to a temp file, then renamed); the record defaults to the PNG's own.
+    ``ingredient``: the input file of an edit (required for edits, ignored for generated images)."""
     from .record import read_record
 
     path = Path(path)
     record = record if record is not None else read_record(path)
     if record is None:
         raise ValueError(f"{path} has no diffuse generation record to sign; sign images written by diffuse")
-    signed = sign_png_bytes(path.read_bytes(), record, keys, title=path.name)
+    parent = Ingredient.from_file(ingredient) if ingredient is not None and is_edit(record) else None
+    signed = sign_png_bytes(path.read_bytes(), record, keys, title=path.name, ingredient=parent)
     tmp = path.with_name(path.name + ".incomplete")
     tmp.write_bytes(signed)
     tmp.replace(path)
@@ -188,6 +238,7 @@ class CredentialReport:
     signer: Optional[str] = None
     actions: list[str] = field(default_factory=list)
     record: Optional[dict[str, Any]] = None
+    ingredients: list[str] = field(default_factory=list)  # "title (signed)" / "title (unsigned)"
 
     @property
     def tampered(self) -> bool:
@@ -202,9 +253,12 @@ class CredentialReport:
             lines += [f"  {f}" for f in self.failures if not f.startswith("signingCredential.untrusted")]
             return lines
         trust = "trusted signer" if self.state == "Trusted" else "signer not in the trust list (self-signed or unknown; --trust ROOT.pem)"
-        return [f"content credentials: valid C2PA manifest, {trust}",
-                f"  signed by {self.signer}; actions {', '.join(self.actions) or 'none'}; "
-                f"generation record {'included' if self.record else 'absent'}"]
+        lines = [f"content credentials: valid C2PA manifest, {trust}",
+                 f"  signed by {self.signer}; actions {', '.join(self.actions) or 'none'}; "
+                 f"generation record {'included' if self.record else 'absent'}"]
+        if self.ingredients:
+            lines.append(f"  ingredients: {', '.join(self.ingredients)}")
+        return lines
 
 
 def read_credentials(path: Path, trust_anchors: Optional[bytes] = None) -> CredentialReport:
@@ -236,5 +290,7 @@ def read_credentials(path: Path, trust_anchors: Optional[bytes] = None) -> Crede
             actions += [a.get("action", "?") for a in assertion.get("data", {}).get("actions", [])]
         elif assertion.get("label") == ASSERTION_LABEL:
             record = json.loads(assertion.get("data", {}).get("record", "null"))
-    return CredentialReport(True, state, failures, signer, actions, record)
+    ingredients = [f"{i.get('title', '?')} ({'signed' if i.get('active_manifest') else 'unsigned'})"
+                   for i in manifest.get("ingredients", [])]
+    return CredentialReport(True, state, failures, signer, actions, record, ingredients)
 

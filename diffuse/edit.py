@@ -36,12 +36,26 @@ this code. Conventions:
   steps of dx/dsigma = (x - D(x, sigma)) / sigma with the schedule reversed, from the
   image at sigma = 0 up to sigma_max; reconstruction runs the matching sampler back down.
   Running it down with another prompt keeps the layout ("same layout, different prompt").
+* **records and provenance**: every result's record identifies its input by the SHA-256 of
+  the pixels read (``input_image.pixels_sha256``, after mode conversion, before resizing),
+  an inpainting mask likewise (``mask.pixels_sha256``, and the mask itself as a base64 1-bit
+  PNG when at most MASK_EMBED_LIMIT characters), plus ``resize``, strength, jumps, feather
+  and extend, so :mod:`diffuse.replay` can redo the edit. Results pass through
+  :meth:`Pipeline.finish` like generated images (output classifier, invisible watermark at
+  >= 256x256), and the sampler corrections (eps scaling in the denoiser, DCW as post-step,
+  scaled by the full schedule's first sigma; for invert only on the way down) apply as in
+  generation. The watermark touches every pixel, kept ones included: kept pixels equal the
+  input exactly only without it.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
+import io
 import math
+import sys
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
@@ -53,7 +67,7 @@ from PIL import Image, UnidentifiedImageError
 
 from . import rng
 from .pipeline import Generated, SampleSettings, guided_denoiser
-from .record import file_hash, read_record
+from .record import file_hash, pixels_hash, read_record
 from .samplers import get_sampler
 from .steps import CountingDenoiser, StepInfo, to_d
 
@@ -61,6 +75,7 @@ if TYPE_CHECKING:
     from .pipeline import Pipeline
 
 MAX_INPUT_PIXELS = 4096 * 4096  # refuse larger inputs before decoding them (decompression bombs)
+MASK_EMBED_LIMIT = 4096  # base64 characters: a larger mask is kept in the record as its hash only
 EXTEND_SIDES = ("left", "top", "right", "bottom")
 ImageSource = str | Path | Image.Image
 
@@ -73,7 +88,7 @@ class InputImage:
 
     pixels: np.ndarray
     notes: list[str]
-    info: dict[str, Any]  # file name, hash, original size and mode
+    info: dict[str, Any]  # file name and file hash, original size and mode, pixels_sha256 of the converted pixels
     record: Optional[dict[str, Any]]  # the diffuse record the input PNG carries, if any
 
 
@@ -125,8 +140,9 @@ def read_image(source: ImageSource, channels: int) -> InputImage:
     if im.mode != target:
         notes.append(f"converted the {im.mode} image to {'grayscale' if target == 'L' else 'RGB'} for this {channels}-channel model")
         im = im.convert(target)
-    pixels = np.asarray(im, dtype=np.uint8)
-    return InputImage(pixels.reshape(im.height, im.width, channels), notes, info, record)
+    pixels = np.asarray(im, dtype=np.uint8).reshape(im.height, im.width, channels)
+    info["pixels_sha256"] = pixels_hash(pixels)  # what replay checks an --input against (before any resize)
+    return InputImage(pixels, notes, info, record)
 
 
 def read_mask(source: ImageSource, size: tuple[int, int], *, binarize: bool = False) -> tuple[np.ndarray, dict[str, Any]]:
@@ -145,6 +161,28 @@ def read_mask(source: ImageSource, size: tuple[int, int], *, binarize: bool = Fa
     check_mask(mask)
     info.update(binarized=bool(binarize and gray_pixels), gray_pixels=gray_pixels)
     return mask, info
+
+
+def mask_hash(mask: np.ndarray) -> str:
+    """:func:`~diffuse.record.pixels_hash` of a 0/1 mask [H, W] (as 0/255 gray)."""
+    return pixels_hash((mask * 255).astype(np.uint8)[..., None])
+
+
+def embed_mask(mask: np.ndarray) -> Optional[str]:
+    """A 0/1 mask [H, W] as a base64 1-bit PNG for the record, or None when that is over MASK_EMBED_LIMIT characters."""
+    buf = io.BytesIO()
+    Image.fromarray(mask.astype(bool)).save(buf, format="PNG", optimize=True)
+    text = base64.b64encode(buf.getvalue()).decode("ascii")
+    return text if len(text) <= MASK_EMBED_LIMIT else None
+
+
+def decode_mask(text: str) -> np.ndarray:
+    """The float32 0/1 mask [H, W] that :func:`embed_mask` wrote."""
+    try:
+        with Image.open(io.BytesIO(base64.b64decode(text, validate=True))) as im:
+            return (np.asarray(im.convert("L")) >= 128).astype(np.float32)
+    except (binascii.Error, UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"the record's embedded mask is damaged ({e}); give the mask file with --mask") from None
 
 
 def check_mask(mask: np.ndarray) -> None:
@@ -241,9 +279,11 @@ def repaint_blocks(steps: int, jumps: int, jump_length: int) -> list[tuple[int, 
 @torch.no_grad()
 def sample_from(denoiser: Callable, cond: Any, settings: SampleSettings, sigmas: list[float], x: torch.Tensor,
                 generators: Sequence[torch.Generator], *, jumps: int = 0, jump_length: int = 10,
-                callback: Optional[Callable[[StepInfo], None]] = None) -> tuple[torch.Tensor, int, int]:
+                callback: Optional[Callable[[StepInfo], None]] = None,
+                post_step: Optional[Callable[[StepInfo], torch.Tensor]] = None) -> tuple[torch.Tensor, int, int]:
     """Run ``settings.sampler`` over the schedule tail ``sigmas`` (descending to 0) from x, with
-    RePaint resampling when jumps > 0. Returns (x at sigma = 0, solver steps run, denoiser evaluations)."""
+    RePaint resampling when jumps > 0 and the samplers' ``post_step`` correction (e.g. DCW) after
+    every step. Returns (x at sigma = 0, solver steps run, denoiser evaluations)."""
     sampler = get_sampler(settings.sampler)
     blocks = repaint_blocks(len(sigmas) - 1, jumps, jump_length)
     total = sum(e - s for s, e in blocks)
@@ -261,7 +301,8 @@ def sample_from(denoiser: Callable, cond: Any, settings: SampleSettings, sigmas:
                 raise _Reached(info.x)
 
         try:
-            x = sampler(denoiser, x, sigmas[start:], cond, generator=generators, callback=on_step, **settings.sampler_options)
+            x = sampler(denoiser, x, sigmas[start:], cond, generator=generators, callback=on_step, post_step=post_step,
+                        **settings.sampler_options)
         except _Reached as stop:
             x = stop.x
         done, nfe = done + end - start, nfe + last["nfe"]
@@ -342,16 +383,18 @@ def _edit(pipe: "Pipeline", kind: str, inp: InputImage, pixel_mask: Optional[np.
         generators = rng.generators_for(chunk, "cpu")
         x = start + tail[0] * rng.randn((n, *x0.shape[1:]), generators, device=pipe.device)
         x, steps_run, nfe = sample_from(denoiser, cond, settings, tail, x, generators, jumps=jumps, jump_length=jump_length,
-                                        callback=callback)
+                                        callback=callback, post_step=settings.post_step(all_sigmas[0]))
         images = ((pipe.codec.decode(x).float().clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1).cpu().numpy()
         if pixel_mask is not None:  # paste the kept pixels back: exactly the input where the mask is 0
             m = pixel_mask[..., None]
             images = np.where(m == 0, inp.pixels, m * images + (1 - m) * inp.pixels)
         for seed, arr in zip(chunk, np.rint(images).astype(np.uint8)):
+            image, mark = pipe.finish(_pil(arr), seed)
             record = pipe.record(prompt, negative, class_label, seed, settings, h, all_sigmas)
             record.update(kind=kind, width=w, height=h, denoising_strength=strength, first_step=first, steps_run=steps_run,
-                          nfe=nfe, input_image=inp.info, input_conversions=inp.notes, input_record=inp.record, **extra)
-            out.append(Generated(_pil(arr), seed, record))
+                          nfe=nfe, input_image=inp.info, input_conversions=inp.notes, input_record=inp.record,
+                          watermark=mark, **extra)
+            out.append(Generated(image, seed, record))
     return out
 
 
@@ -362,7 +405,7 @@ def img2img(pipe: "Pipeline", image: ImageSource, prompt: Optional[str] = None, 
     """SDEdit: one image per seed, the input noised to the sigma ``strength`` selects and denoised from there."""
     inp = _fit(pipe, read_image(image, pipe.codec.image_channels), resize)
     return _edit(pipe, "img2img", inp, None, strength, prompt=prompt, negative=negative, class_label=class_label, seeds=seeds,
-                 settings=settings, jumps=0, jump_length=1, batch_size=batch_size, callback=callback, extra={})
+                 settings=settings, jumps=0, jump_length=1, batch_size=batch_size, callback=callback, extra={"resize": resize})
 
 
 def inpaint(pipe: "Pipeline", image: ImageSource, mask: ImageSource | np.ndarray, prompt: Optional[str] = None, *,
@@ -380,6 +423,7 @@ def inpaint(pipe: "Pipeline", image: ImageSource, mask: ImageSource | np.ndarray
         check_mask(m)
     else:
         m, mask_info = read_mask(mask, size, binarize=binarize)
+    mask_info.update(pixels_sha256=mask_hash(m), embedded=embed_mask(m))  # the mask as read, before any resize
     inp = _fit(pipe, inp, resize)
     if inp.pixels.shape[:2] != m.shape:  # resized: resample the mask the same way (nearest keeps it binary)
         h, w = inp.pixels.shape[:2]
@@ -389,7 +433,7 @@ def inpaint(pipe: "Pipeline", image: ImageSource, mask: ImageSource | np.ndarray
     mask_info.update(feather=feather_px, replaced_fraction=round(float(m.mean()), 6))
     return _edit(pipe, "inpaint", inp, soft, strength, prompt=prompt, negative=negative, class_label=class_label, seeds=seeds,
                  settings=settings, jumps=jumps, jump_length=jump_length, batch_size=batch_size, callback=callback,
-                 extra={"mask": mask_info, "jumps": jumps, "jump_length": jump_length if jumps else None})
+                 extra={"mask": mask_info, "jumps": jumps, "jump_length": jump_length if jumps else None, "resize": resize})
 
 
 def outpaint(pipe: "Pipeline", image: ImageSource, extend: str | dict[str, int], prompt: Optional[str] = None, *,
@@ -483,16 +527,17 @@ def invert(pipe: "Pipeline", image: ImageSource, prompt: Optional[str] = None, *
     out = []
     for p, label, kind in targets:
         den, c = (denoiser, cond) if kind == "invert" else denoiser_for(p, label)
-        x = sampler(den, noise, sigmas, c, callback=callback, **settings.sampler_options)
+        x = sampler(den, noise, sigmas, c, callback=callback, post_step=settings.post_step(sigmas[0]), **settings.sampler_options)
         arr = np.rint(((pipe.codec.decode(x).float().clamp(-1, 1) + 1) * 127.5)[0].permute(1, 2, 0).cpu().numpy()).astype(np.uint8)
+        image, mark = pipe.finish(_pil(arr), None)
         record = pipe.record(p, negative, label, None, settings, h, sigmas)
         record.update(kind=kind, width=w, height=h, inversion_nfe=nfe_inv, nfe=sampler.nfe(sigmas, **settings.sampler_options),
-                      input_image=inp.info, input_conversions=inp.notes, input_record=inp.record)
+                      input_image=inp.info, input_conversions=inp.notes, input_record=inp.record, resize=resize, watermark=mark)
         if kind == "invert":
             record["reconstruction_rmse"] = round(rmse(arr, inp.pixels), 4)
         else:
             record.update(source_prompt=prompt, source_class_label=class_label)
-        out.append(Generated(_pil(arr), None, record))
+        out.append(Generated(image, None, record))
     return out
 
 
@@ -502,14 +547,17 @@ def run_edit(args: Any) -> int:
     """`diffuse edit img2img|inpaint|outpaint|invert`: write one PNG (with its record) per result."""
     from tqdm import tqdm
 
-    from .cli import _sample_settings, _slug, _writable_folder
+    from .cli import _provenance_options, _sample_settings, _slug, _writable_folder, _write_results
     from .pipeline import Pipeline
 
     image = Path(args.image)
     pipe = Pipeline.load(args.model)
+    keys = _provenance_options(pipe, args)
     if args.edit == "invert":  # unless asked otherwise: an invertible sampler, and the unguided ODE
         pipe.defaults = dataclasses.replace(pipe.defaults, sampler="heun", sampler_options={}, cfg=1.0)
     settings = _sample_settings(pipe, args)
+    for prompt in [args.prompt, *getattr(args, "target_prompt", [])]:  # refuse bad prompts before the progress bar starts
+        pipe.check_prompt(prompt, args.negative)
     out = _writable_folder(Path(args.out))
     stem = _slug(image.stem)
     common = dict(negative=args.negative, class_label=args.class_label, settings=settings)
@@ -555,7 +603,8 @@ def run_edit(args: Any) -> int:
         print(f"{args.edit}: strength {rec['denoising_strength']:g} ran {rec['steps_run']} solver steps "
               f"({settings.steps - rec['first_step']} of the {settings.steps}-step schedule, from sigma "
               f"{rec['sigmas'][rec['first_step']]:.3g}), {rec['nfe']} denoiser evaluations per image")
-    for item, path in zip(results, paths):
-        item.save(path, overwrite=args.overwrite)
-        print(path)
+    _write_results(results, paths, args, keys, ingredient=image)
+    if args.edit in ("inpaint", "outpaint") and rec["watermark"]["applied"] and not args.quiet:
+        print("note: the invisible watermark changes every pixel slightly, the kept ones too; --no-watermark keeps them "
+              "equal to the input", file=sys.stderr)
     return 0

@@ -62,6 +62,11 @@ class SampleSettings:
     def sigmas(self, model: DiffusionModel) -> torch.Tensor:
         return schedules.get_sigmas(self.schedule, self.steps, model.sigma_min, model.sigma_max)
 
+    def post_step(self, sigma_max: float) -> Optional[DCW]:
+        """The samplers' ``post_step`` correction (DCW when dcw != 0, else None); ``sigma_max`` is the
+        full schedule's first sigma, so a step at a given sigma gets the same correction in every job."""
+        return DCW(self.dcw, sigma_max) if self.dcw != 0 else None
+
 
 def guided_denoiser(model: DiffusionModel, settings: SampleSettings, batch: int, *, prompts: Optional[Sequence[str]] = None,
                     negative: Optional[Sequence[str]] = None, labels: Optional[Sequence[int]] = None) -> tuple[Callable, Any]:
@@ -95,7 +100,7 @@ def generate(model: DiffusionModel, settings: SampleSettings, seeds: Sequence[in
     batch = len(seeds)
     denoiser, cond = guided_denoiser(model, settings, batch, prompts=prompts, negative=negative, labels=labels)
     sigmas = settings.sigmas(model)
-    post_step = DCW(settings.dcw, float(sigmas[0])) if settings.dcw != 0 else None
+    post_step = settings.post_step(float(sigmas[0]))
     generators = rng.generators_for(seeds, "cpu")
     x = rng.randn((batch, model.cfg.channels, res, res), generators, device=device) * float(sigmas[0])
     sampler = get_sampler(settings.sampler)
@@ -211,14 +216,18 @@ class Pipeline:
                               negative=[negative] * len(chunk) if negative is not None else None, labels=chunk_labels,
                               codec=None if isinstance(self.codec, PixelCodec) else self.codec)
             for i, (seed, arr) in enumerate(zip(chunk, to_uint8(images))):
-                image = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
-                safety.check_image(self.image_check, image, seed)
-                image, mark = watermark.mark_generated(image, self.watermark)
+                image, mark = self.finish(Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr), seed)
                 prompt = chunk_prompts[i] if chunk_prompts is not None else None
                 label = chunk_labels[i] if chunk_labels is not None else None
                 out.append(Generated(image, seed, {**self.record(prompt, negative, label, seed, settings, res, sigma_list),
                                                    "watermark": mark}))
         return out
+
+    def finish(self, image: Image.Image, seed: Optional[int]) -> tuple[Image.Image, dict[str, Any]]:
+        """Every result image (generated or edited) on its way out: the output classifier hook, then the
+        invisible watermark; returns (image, the record's ``watermark`` entry)."""
+        safety.check_image(self.image_check, image, seed)
+        return watermark.mark_generated(image, self.watermark)
 
     # edits (diffuse.edit): the input is encoded with self.codec, edited in model space and decoded
     def img2img(self, image: Any, prompt: Optional[str] = None, **options: Any) -> list[Generated]:
@@ -266,4 +275,6 @@ class Pipeline:
             "eps_scaling_k": settings.eps_scaling_k, "dcw": settings.dcw, "width": size, "height": size,
             "model": self.name, "model_hash": self.model_hash, "diffuse_version": __version__, "torch_version": torch.__version__,
             "device": self.device, "machine": platform.machine(),
+            "prompt_filter": self.prompt_filter.summary() if self.prompt_filter is not None else None,
+            "image_check": getattr(self.image_check, "__name__", type(self.image_check).__name__) if self.image_check else None,
         }

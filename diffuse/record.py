@@ -11,6 +11,9 @@ Two chunks are written (DESIGN.md §6):
 * ``diffuse``: our JSON record with everything needed to regenerate the image exactly
   (model hash, code version, sampler and options, schedule and its sigmas, seed, guidance,
   prompt/label, size), plus the record of the input image for edits.
+
+Edits identify their inputs by :func:`pixels_hash` (a SHA-256 of the decoded pixels, not of
+the file), so re-saving, re-compressing or signing an input does not change its identity.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 from PIL import Image, PngImagePlugin
 
 # our sampler name -> AUTOMATIC1111's label for the same method
@@ -39,6 +43,15 @@ def file_hash(path: Path, length: int = 10) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()[:length]
+
+
+def pixels_hash(pixels: np.ndarray) -> str:
+    """SHA-256 (64 hex digits) of a uint8 array [H, W, C] and its shape: an image's content, whatever file holds it."""
+    if pixels.dtype != np.uint8 or pixels.ndim != 3:
+        raise ValueError(f"pixels_hash takes uint8 [H, W, C] arrays, got {pixels.dtype} {pixels.shape}")
+    h = hashlib.sha256("{}x{}x{} uint8\n".format(*pixels.shape).encode())
+    h.update(np.ascontiguousarray(pixels).tobytes())
+    return h.hexdigest()
 
 
 def a1111_parameters(record: dict[str, Any]) -> str:

@@ -28,11 +28,12 @@ diffuse (none can be had offline); :attr:`Pipeline.image_check` takes one.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from PIL import Image
 
@@ -123,6 +124,11 @@ class PromptFilter:
     def default(cls) -> "PromptFilter":
         """The block list that ships with diffuse (diffuse/blocklist.txt)."""
         return cls.load(DEFAULT_BLOCKLIST)
+
+    def summary(self) -> dict[str, Any]:
+        """What a generation record keeps of the filter: its source, rule count and a SHA-256 of the rules."""
+        digest = hashlib.sha256("\n".join(f"{r.kind}:{r.name}={r.value}" for r in self.rules).encode()).hexdigest()
+        return {"source": self.source, "rules": len(self.rules), "sha256": digest[:16]}
 
     def match(self, text: str) -> Optional[Rule]:
         """The first rule that ``text`` matches, or None."""

@@ -49,6 +49,12 @@ class Verification:
         else:
             out.append(f"generation record: {self.record.get('kind', 'generate')} with model {self.record.get('model')} "
                        f"({self.record.get('model_hash')}), seed {self.record.get('seed')}; `diffuse replay` can check it")
+            source = self.record.get("input_image")
+            if source is not None:
+                chained = self.record.get("input_record")
+                out.append(f"  edited from {source.get('file') or 'an in-memory image'}, "
+                           + (f"whose own {chained.get('kind', 'generate')} record is chained (replay can regenerate it)"
+                              if chained else "which has no diffuse record (replay needs it as --input)"))
         if self.tampered:
             out.append("verdict: TAMPERED, the file no longer matches its signed content credentials")
         else:

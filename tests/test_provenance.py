@@ -85,7 +85,11 @@ def test_replay_refuses_what_it_cannot_replay(text_model, tmp_path):
     [g] = pipe(CAPTIONS[0], seeds=[0], settings=SampleSettings(steps=2))
     save_png(g.image, tmp_path / "edit.png", {**g.record, "kind": "img2img", "input_record": g.record})
     r = _cli("replay", str(tmp_path / "edit.png"), "--model", str(text_model))
-    assert r.returncode == 2 and "is a 'img2img' record, which this version cannot replay yet; it replays: generate" in r.stderr
+    assert r.returncode == 2 and "does not identify its input by pixel hash" in r.stderr
+    save_png(g.image, tmp_path / "up.png", {**g.record, "kind": "upscale"})
+    with pytest.raises(ValueError, match="a 'upscale' record cannot be replayed by this version; it replays: generate, img2img, "
+                                         "inpaint, outpaint, invert, invert-edit"):
+        replay(tmp_path / "up.png", model=str(text_model))
     Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
     r = _cli("replay", str(tmp_path / "plain.png"))
     assert r.returncode == 2 and "has no diffuse generation record" in r.stderr
@@ -249,8 +253,9 @@ def test_keys_init_refuses_to_overwrite_and_sign_needs_keys(keys, text_model, tm
     assert r.returncode == 2 and "make a development chain with `diffuse keys init" in r.stderr
 
 
-def test_manifest_of_an_edit_says_edited():
+def test_manifest_of_an_edit_opens_its_input_then_edits():
     manifest = credentials.manifest_for({"kind": "img2img", "seed": 1}, "e.png")
-    [action] = manifest["assertions"][0]["data"]["actions"]
+    opened, action = manifest["assertions"][0]["data"]["actions"]
+    assert opened == {"action": "c2pa.opened", "parameters": {"ingredientIds": [credentials.INGREDIENT_LABEL]}}
     assert action["action"] == "c2pa.edited" and action["digitalSourceType"].endswith("compositeWithTrainedAlgorithmicMedia")
     assert manifest["assertions"][1] == {"label": "org.diffuse.generation", "data": {"record": '{"kind": "img2img", "seed": 1}'}}
