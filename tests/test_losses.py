@@ -95,3 +95,53 @@ def test_ema_half_life_and_ramp_up():
     assert float(ema.shadow["weight"]) == pytest.approx(0.5)
     ramped = EMA(m, ema_halflife_nimg=1000.0, ema_rampup_ratio=0.5)
     assert ramped.beta(batch_nimg=10, cur_nimg=20) == pytest.approx(0.5 ** (10 / 10))  # half-life limited to 0.5 * 20
+
+
+class Const(torch.nn.Module):
+    """A backbone whose output F is a fixed tensor, whatever its input."""
+
+    def __init__(self, out):
+        super().__init__()
+        self.out = out
+
+    def forward(self, x_in, c_noise, cond=None):
+        return self.out
+
+
+def _eps_target(x0, noise, s, sd):
+    return noise
+
+
+def _v_target(x0, noise, s, sd):  # Salimans & Ho 2022, v = alpha eps - sigma_t x0, for data scale sd
+    return (sd * noise - s * x0 / sd) / (s**2 + sd**2).sqrt()
+
+
+def _edm_target(x0, noise, s, sd):  # Karras et al. 2022, Eq. 8: (x0 - c_skip x) / c_out
+    return (x0 - sd**2 / (s**2 + sd**2) * (x0 + s * noise)) * (s**2 + sd**2).sqrt() / (s * sd)
+
+
+GAMMA = 5.0
+
+
+@pytest.mark.parametrize("param, sd, target, weighting, weight_on_F", [
+    # lambda(sigma) * c_out^2: the weight each choice puts on the network's own squared error, with SNR = 1 / sigma^2
+    ("eps", 0.5, _eps_target, "uniform", lambda snr, s, sd: torch.ones_like(s)),  # L_simple (Ho et al. 2020)
+    ("eps", 0.5, _eps_target, "min_snr", lambda snr, s, sd: snr.clamp(max=GAMMA) / snr),  # Hang et al. 2023, eps form
+    ("eps", 0.5, _eps_target, "edm", lambda snr, s, sd: (s**2 + sd**2) / sd**2),
+    ("v", 1.0, _v_target, "uniform", lambda snr, s, sd: torch.ones_like(s)),
+    ("v", 1.0, _v_target, "min_snr", lambda snr, s, sd: snr.clamp(max=GAMMA) / (snr + 1)),  # Hang et al. 2023, v form
+    ("edm", 0.5, _edm_target, "uniform", lambda snr, s, sd: torch.ones_like(s)),  # EDM's unit-weight F loss
+    ("edm", 0.5, _edm_target, "min_snr", lambda snr, s, sd: snr.clamp(max=GAMMA) * s**2 * sd**2 / (s**2 + sd**2)),
+])
+def test_weighting_on_the_network_output_in_closed_form(param, sd, target, weighting, weight_on_F):
+    """The loss over D equals the paper's weight times the squared error of F against its ideal target."""
+    g = torch.Generator().manual_seed(5)
+    x0 = torch.randn(4, 1, 3, 3, generator=g, dtype=torch.float64) * 0.5
+    noise = torch.randn(4, 1, 3, 3, generator=g, dtype=torch.float64)
+    F = torch.randn(4, 1, 3, 3, generator=g, dtype=torch.float64)
+    sigma = torch.tensor([0.05, 0.3, 1.0, 20.0], dtype=torch.float64)
+    model = precond.make_precond(param, Const(F), sigma_data=sd)
+    loss = denoising_loss(LossConfig(weighting, min_snr_gamma=GAMMA), model, x0, sigma, noise)
+    s = sigma.reshape(-1, 1, 1, 1)
+    expected = weight_on_F(1 / sigma**2, sigma, sd) * (F - target(x0, noise, s, sd)).pow(2).flatten(1).mean(1)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=0)

@@ -114,3 +114,22 @@ def test_bad_inputs_are_clear_errors():
     D = precond.EDMPrecond(torch.nn.Identity())
     with pytest.raises(ValueError, match=r"sigma must have shape \[B\] = \[2\]"):
         D(torch.zeros(2, 3), torch.ones(3))
+
+
+def test_v_at_the_data_scale_is_edm_with_F_negated_and_at_unit_scale_the_vp_table_v(batch):
+    """VPrecond with sigma_data = sd has EDM's coefficients up to the sign of c_out, so it trains the same
+    model (bench/ablation.py uses v at sigma_data = 1, the VP definition); at sigma_data = 1 its
+    coefficients are the discrete adapter's for v-prediction."""
+    x0, eps, sigma = batch
+    g = torch.Generator().manual_seed(1)
+    F = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    net, neg = _oracle(lambda s: F), _oracle(lambda s: -F)
+    net.sigma = neg.sigma = sigma
+    x = x0 + _s(sigma) * eps
+    torch.testing.assert_close(precond.VPrecond(net, sigma_data=0.5)(x, sigma), precond.EDMPrecond(neg, sigma_data=0.5)(x, sigma),
+                               rtol=1e-12, atol=1e-12)
+    s = _s(sigma)
+    c_skip, c_out, c_in, _ = precond.VPrecond(net, sigma_data=1.0).coefficients(s)
+    torch.testing.assert_close(c_skip, 1 / (s**2 + 1))
+    torch.testing.assert_close(c_out, -s / (s**2 + 1).sqrt())
+    torch.testing.assert_close(c_in, 1 / (s**2 + 1).sqrt())
