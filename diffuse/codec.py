@@ -8,7 +8,7 @@ identity for pixel-space models; a latent model's folder names the codec it need
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Optional, Protocol
 
 import torch
 
@@ -54,17 +54,18 @@ class VAECodec:
 
     ``scale`` and ``shift`` are measured on data by :func:`latent_stats` (Rombach et al. 2022,
     §4.3.2 and App. G: latents rescaled by 1/std so the diffusion model sees unit variance) and
-    stored in the VAE folder's config, so no constant appears in scripts. Decoding larger
-    outputs runs in overlapping tiles blended with linear ramps (:meth:`decode`, ``tile``).
+    stored in the VAE folder's config, so no constant appears in scripts. With ``tile`` > 0, latents
+    larger than ``tile`` on a side decode in tiles (:func:`decode_tiled`: one padded tile in memory at a
+    time, equal to the whole decode for the default ``overlap``, several times slower).
     """
 
-    def __init__(self, vae: "VAE", scale: float = 1.0, shift: float = 0.0, tile: int = 0, overlap: int = 4):
+    def __init__(self, vae: "VAE", scale: float = 1.0, shift: float = 0.0, tile: int = 0, overlap: Optional[int] = None):
         self.vae = vae.eval().requires_grad_(False)
         self.scale, self.shift = float(scale), float(shift)
         self.factor = vae.cfg.factor
         self.latent_channels = vae.cfg.latent_channels
         self.image_channels = vae.cfg.in_channels
-        self.tile, self.overlap = tile, overlap  # in latent pixels; tile 0 = never tile
+        self.tile, self.overlap = tile, overlap  # in latents; tile 0 = never tile; overlap None = the decoder's halo
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -74,7 +75,7 @@ class VAECodec:
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         z = x / self.scale + self.shift
         if self.tile and max(z.shape[-2:]) > self.tile:
-            return decode_tiled(self.vae.decode, z, self.tile, self.overlap, self.factor)
+            return decode_tiled(self.vae, z, self.tile, self.overlap)
         return self.vae.decode(z)
 
     # ------------------------------------------------------------ files
@@ -87,7 +88,7 @@ class VAECodec:
         return checkpoint.save_model_dir(Path(out), config, self.vae.state_dict(), overwrite=overwrite)
 
     @classmethod
-    def load(cls, path: Path, tile: int = 0) -> "VAECodec":
+    def load(cls, path: Path, tile: int = 0, overlap: Optional[int] = None) -> "VAECodec":
         from . import checkpoint
         from .nn.vae import VAE, VAEConfig
 
@@ -99,7 +100,7 @@ class VAECodec:
         if missing or unexpected:
             raise checkpoint.CheckpointError(f"{path}/model.safetensors does not match its VAE config "
                                              f"({len(missing)} missing, {len(unexpected)} unexpected tensors)")
-        return cls(vae, config["latent"]["scale"], config["latent"]["shift"], tile=tile)
+        return cls(vae, config["latent"]["scale"], config["latent"]["shift"], tile=tile, overlap=overlap)
 
 
 @torch.no_grad()
@@ -109,49 +110,102 @@ def latent_stats(vae: "VAE", images: torch.Tensor, batch_size: int = 64) -> tupl
     return 1.0 / float(means.std()), float(means.mean())
 
 
-def ramp(n: int, overlap: int, left: bool, right: bool) -> torch.Tensor:
-    """Blend weights [n] of a tile: rising linearly over ``overlap`` samples at a side that meets
-    another tile (weights (i + 0.5) / overlap), 1 elsewhere."""
-    w = torch.ones(n)
-    if overlap:
-        up = (torch.arange(overlap) + 0.5) / overlap
-        if left:
-            w[:overlap] = torch.minimum(w[:overlap], up)
-        if right:
-            w[n - overlap:] = torch.minimum(w[n - overlap:], up.flip(0))
-    return w
+class _Measured(Exception):
+    """Raised by the GroupNorm whose statistics a pass of :func:`decode_tiled` measures: the rest of
+    the decoder is not needed in that pass."""
 
 
-def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
-    """Tile origins covering [0, size) with tiles of ``tile`` overlapping by at least ``overlap``."""
-    if size <= tile:
-        return [0]
-    stride = tile - overlap
-    starts = list(range(0, size - tile, stride)) + [size - tile]
-    return starts
+class _TiledGroupNorms:
+    """While active, the i-th GroupNorm call of a decoder forward normalizes with the global
+    statistics ``stats[i]`` (mean, var [B, G] float64); the call after the known ones adds count, sum
+    and sum of squares of its input over the tile's core to ``acc`` and raises :class:`_Measured`."""
+
+    def __init__(self, decoder: torch.nn.Module):
+        self.norms = [m for m in decoder.modules() if isinstance(m, torch.nn.GroupNorm)]
+        self.stats: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.acc: Optional[list[torch.Tensor]] = None
+        self.core = (0, 0, 0, 0)  # the core's rows and columns (y0, y1, x0, x1) in the padded tile, latents
+        self.tile_h = 1  # latent height of the padded tile (sets the scale of each level)
+        self.calls = 0
+
+    def __enter__(self) -> "_TiledGroupNorms":
+        for norm in self.norms:
+            norm.forward = lambda x, norm=norm: self.group_norm(norm, x)  # instance attribute shadows the class method
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for norm in self.norms:
+            del norm.forward
+
+    def group_norm(self, norm: torch.nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+        i, self.calls = self.calls, self.calls + 1
+        B, C, H, W = x.shape
+        g = norm.num_groups
+        if i == len(self.stats):
+            s = H // self.tile_h  # this level's pixels per latent
+            y0, y1, x0, x1 = self.core
+            core = x[..., y0 * s:y1 * s, x0 * s:x1 * s].double().reshape(B, g, -1)  # [B, G, n]
+            part = [torch.tensor(float(core.shape[-1])), core.sum(-1), core.square().sum(-1)]
+            self.acc = part if self.acc is None else [a + p for a, p in zip(self.acc, part)]
+            raise _Measured
+        mean, var = self.stats[i]  # [B, G]
+        rstd = torch.rsqrt(var + norm.eps)
+        h = (x.reshape(B, g, -1) - mean[..., None].to(x)) * rstd[..., None].to(x)  # [B, G, C/G * H * W]
+        h = h.reshape(B, C, H, W)
+        return h if not norm.affine else h * norm.weight[:, None, None] + norm.bias[:, None, None]
+
+    def finish_pass(self) -> bool:
+        """Turn the accumulated sums into the next (mean, biased var); False when the pass measured nothing."""
+        if self.acc is None:
+            return False
+        n, total, squares = self.acc
+        mean = total / n
+        self.stats.append((mean, (squares / n - mean.square()).clamp_min(0.0)))
+        self.acc = None
+        return True
 
 
-def decode_tiled(decode: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, tile: int, overlap: int,
-                 factor: int) -> torch.Tensor:
-    """Decode latents z [B, C, h, w] in tiles of tile x tile latents overlapping by ``overlap``; each
-    decoded tile is weighted by separable linear ramps over the overlap (pixels ``overlap * factor``)
-    and the weighted sum is normalized, so seams blend instead of jumping. Memory: one tile at a time."""
-    if not 0 <= overlap < tile:
-        raise ValueError(f"tile overlap must be in [0, tile), got overlap={overlap}, tile={tile}")
+@torch.no_grad()
+def decode_tiled(vae: "VAE", z: torch.Tensor, tile: int, overlap: Optional[int] = None) -> torch.Tensor:
+    """Decode latents z [B, C, h, w] -> [B, C_img, h*f, w*f] one tile at a time, equal to ``vae.decode(z)``
+    up to float rounding when ``overlap`` >= ``vae.decoder.halo()`` (the default).
+
+    Tiles: the latent grid is cut into cores of ``tile`` x ``tile`` latents (smaller at the far edges)
+    that partition it; each core is decoded with ``overlap`` latents of real neighbours on every side
+    (fewer at the image border, where the whole decode zero-pads too) and cropped back to its core, so
+    the convolutions inside a core see exactly what they see in the whole decode.
+
+    GroupNorm (Wu & He 2018) is the one layer that sees the whole image; its statistics are made global
+    as in the "Tiled VAE" of multidiffusion-upscaler-for-automatic1111 (per-group sums over all tiles,
+    then every tile normalized with the global mean/var), but recomputed rather than stored so memory
+    stays one padded tile plus the output: pass k decodes each tile up to its k-th GroupNorm (the
+    earlier ones normalized with the global statistics of passes 1..k-1), adds count, sum and sum of
+    squares (float64) of that GroupNorm's input over the core (exact there, since the halo reaches
+    further than the context used so far), and stops; the pass after the last GroupNorm writes the
+    output. Cost: (number of GroupNorms + 1) partial decodes of every padded tile, several times a
+    whole decode (see bench/RESULTS.md). With ``overlap`` < halo, the convolutions near a core's edge
+    miss context and seams appear.
+    """
+    halo = vae.decoder.halo()
+    overlap = halo if overlap is None else overlap
+    if tile < 1 or overlap < 0:
+        raise ValueError(f"tiled decoding needs tile >= 1 and overlap >= 0 latents, got tile={tile}, overlap={overlap}")
     B, _, h, w = z.shape
-    out = weight = None
-    rows, cols = tile_starts(h, tile, overlap), tile_starts(w, tile, overlap)
-    for top in rows:
-        for left in cols:
-            piece = decode(z[..., top:top + tile, left:left + tile])
-            th, tw = piece.shape[-2:]
-            if out is None:
-                out = torch.zeros(B, piece.shape[1], h * factor, w * factor, dtype=piece.dtype, device=piece.device)
-                weight = torch.zeros(h * factor, w * factor, dtype=piece.dtype, device=piece.device)
-            wy = ramp(th, overlap * factor, top > 0, top + tile < h)
-            wx = ramp(tw, overlap * factor, left > 0, left + tile < w)
-            wt = (wy[:, None] * wx[None, :]).to(piece)
-            ys, xs = slice(top * factor, top * factor + th), slice(left * factor, left * factor + tw)
-            out[..., ys, xs] += piece * wt
-            weight[ys, xs] += wt
-    return out / weight
+    f = vae.cfg.factor
+    cores = [(y, min(y + tile, h), x, min(x + tile, w)) for y in range(0, h, tile) for x in range(0, w, tile)]
+    out: Optional[torch.Tensor] = None
+    with _TiledGroupNorms(vae.decoder) as norms:
+        while True:
+            for y0, y1, x0, x1 in cores:
+                py0, py1, px0, px1 = max(0, y0 - overlap), min(h, y1 + overlap), max(0, x0 - overlap), min(w, x1 + overlap)
+                norms.core, norms.tile_h, norms.calls = (y0 - py0, y1 - py0, x0 - px0, x1 - px0), py1 - py0, 0
+                try:
+                    piece = vae.decoder(z[..., py0:py1, px0:px1])  # [B, C_img, (py1-py0)*f, (px1-px0)*f]
+                except _Measured:
+                    continue
+                if out is None:
+                    out = piece.new_empty(B, piece.shape[1], h * f, w * f)
+                out[..., y0 * f:y1 * f, x0 * f:x1 * f] = piece[..., (y0 - py0) * f:(y1 - py0) * f, (x0 - px0) * f:(x1 - px0) * f]
+            if not norms.finish_pass():
+                assert out is not None
+                return out

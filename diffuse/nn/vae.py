@@ -15,6 +15,7 @@ KL = 0.5 * sum(mean^2 + var - 1 - logvar), summed over latent elements, averaged
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -127,6 +128,17 @@ class Decoder(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.norm_out = group_norm(ch, cfg.norm_groups)
         self.conv_out = nn.Conv2d(ch, cfg.in_channels, 3, padding=1)
+
+    def halo(self) -> int:
+        """Latents of context, per side, that one output pixel depends on (the receptive-field radius in
+        latent pixels, rounded up): a k x k convolution at level l (2^l times the latent grid, after l
+        nearest 2x upsamplings) reaches (k // 2) / 2^l latents further. GroupNorm is the only non-local
+        layer besides the convolutions; :func:`diffuse.codec.decode_tiled` makes its statistics global."""
+        level, radius = 0, 0.0
+        for part in (self.conv_in, self.mid, *self.blocks, self.conv_out):  # in the order forward runs them
+            level += isinstance(part, Upsample)  # its conv runs after the 2x upsampling
+            radius += sum((m.kernel_size[0] // 2) / 2 ** level for m in part.modules() if isinstance(m, nn.Conv2d))
+        return math.ceil(radius)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.mid(self.conv_in(z))
