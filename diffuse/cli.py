@@ -145,7 +145,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.prompt is not None and len(args.prompt) > 1000:
         raise ValueError(f"the prompt is {len(args.prompt)} characters long; keep it under 1000")
     seeds = parse_seeds(args.seed)
-    pipe = Pipeline.load(args.model)
+    pipe = Pipeline.load(args.model, vae_tile=args.vae_tile)
     keys = _provenance_options(pipe, args)
     settings = _sample_settings(pipe, args)
     out = _writable_folder(Path(args.out))
@@ -459,6 +459,8 @@ def _generation_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--schedule", help="sigma schedule (karras, exponential, ...); default: the model's")
     p.add_argument("--seed", default="0", help="seeds, one image each: 7, 0-7 or 1,5,9")
     p.add_argument("--batch-size", type=int, default=8, help="images sampled together (results do not depend on it)")
+    p.add_argument("--vae-tile", type=int, default=0, metavar="N",
+                   help="latent models: decode latents larger than N on a side in tiles (less memory, same image)")
     p.add_argument("--out", default="out", help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace existing files")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -163,11 +163,17 @@ class Pipeline:
         self.watermark = True  # invisible watermark on images of at least 256x256 (recorded either way)
 
     @classmethod
-    def load(cls, name_or_path: str | Path = "shapes", device: str = "cpu") -> "Pipeline":
-        """Load a shipped model by name or a model folder by path; its config's "sampling" block sets the defaults."""
+    def load(cls, name_or_path: str | Path = "shapes", device: str = "cpu", vae_tile: int = 0) -> "Pipeline":
+        """Load a shipped model by name or a model folder by path; its config's "sampling" block sets the defaults.
+
+        ``vae_tile``: for a latent model, decode latents larger than this many latents on a side in
+        tiles with global GroupNorm statistics (bounded memory, same image; 0: whole decodes).
+        """
         folder = resolve_model(name_or_path)
         model, config = DiffusionModel.load(folder)
-        codec = VAECodec.load(folder / model.cfg.codec) if model.cfg.codec else None
+        if vae_tile < 0:
+            raise ValueError(f"--vae-tile must be >= 0 (0: no tiling), got {vae_tile}")
+        codec = VAECodec.load(folder / model.cfg.codec, tile=vae_tile) if model.cfg.codec else None
         return cls(model, folder.name, file_hash(folder / "model.safetensors"), config.get("sampling"), device, codec)
 
     def check_size(self, size: int) -> int:
@@ -273,6 +279,7 @@ class Pipeline:
             "schedule": settings.schedule, "sigmas": sigmas, "cfg": settings.cfg,
             "cfg_rescale": settings.cfg_rescale, "cfg_interval": settings.cfg_interval, "eps_scaling": settings.eps_scaling,
             "eps_scaling_k": settings.eps_scaling_k, "dcw": settings.dcw, "width": size, "height": size,
+            "vae_tile": getattr(self.codec, "tile", 0),
             "model": self.name, "model_hash": self.model_hash, "diffuse_version": __version__, "torch_version": torch.__version__,
             "device": self.device, "machine": platform.machine(),
             "prompt_filter": self.prompt_filter.summary() if self.prompt_filter is not None else None,

@@ -133,6 +133,8 @@ def _pipeline(record: dict[str, Any], job: _Job, report: ReplayReport) -> Pipeli
         pipe = job.pipelines[name]
         if pipe.model_hash == record["model_hash"]:
             report.add("model", True, f"{pipe.name}, hash {pipe.model_hash}")
+            if hasattr(pipe.codec, "tile"):  # a latent model decodes as the record did (tiled or whole)
+                pipe.codec.tile = record.get("vae_tile", 0)
             return pipe
         others.append(f"the model {pipe.name} has hash {pipe.model_hash}")
     if not others:

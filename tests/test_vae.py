@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -149,6 +150,21 @@ def test_latent_generate_decodes_to_pixel_size(tmp_path, random_model):
 
     assert direct.shape == (1, 3, 32, 32)
     assert np.array_equal(np.asarray(out[0].image), to_uint8(direct)[0])
+
+
+def test_pipeline_vae_tile_decodes_the_same_image_and_records_it(tmp_path, random_model):
+    from diffuse.pipeline import Pipeline, SampleSettings
+
+    model = random_model(latent_model_cfg("vae"))
+    model.save(tmp_path / "m")
+    VAECodec(random_vae(), scale=0.5, shift=0.1).save(tmp_path / "m" / "vae")
+    whole = Pipeline.load(tmp_path / "m")(seeds=[0], settings=SampleSettings(steps=3))[0]
+    tiled = Pipeline.load(tmp_path / "m", vae_tile=4)(seeds=[0], settings=SampleSettings(steps=3))[0]
+    assert whole.record["vae_tile"] == 0 and tiled.record["vae_tile"] == 4
+    a, b = (np.asarray(g.image).astype(int) for g in (whole, tiled))
+    assert np.abs(a - b).max() <= 1  # float rounding may move a value across a uint8 step
+    with pytest.raises(ValueError, match="--vae-tile must be >= 0"):
+        Pipeline.load(tmp_path / "m", vae_tile=-1)
 
 
 def test_latent_training_encodes_through_the_frozen_vae(tmp_path):
