@@ -56,7 +56,12 @@ EDITS = {
 
 
 class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows defaults and keeps the example block's line breaks."""
+    """Shows real defaults (not None or an unset flag's False) and keeps the example block's line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False or "(default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
 def _subparser(subs: argparse._SubParsersAction, name: str, help_text: str) -> argparse.ArgumentParser:
