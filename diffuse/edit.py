@@ -340,6 +340,11 @@ def _fit(pipe: "Pipeline", inp: InputImage, resize: bool) -> InputImage:
     return inp
 
 
+def fit_input(pipe: "Pipeline", image: ImageSource, resize: bool) -> InputImage:
+    """Read an input image in the model's channels and check (or, with ``resize``, bring) it to a size the model makes."""
+    return _fit(pipe, read_image(image, pipe.codec.image_channels), resize)
+
+
 def _to_model(pipe: "Pipeline", pixels: np.ndarray) -> torch.Tensor:
     x = torch.from_numpy(np.array(pixels)).permute(2, 0, 1)[None].float().to(pipe.device) / 127.5 - 1
     return pipe.codec.encode(x)
@@ -403,7 +408,7 @@ def img2img(pipe: "Pipeline", image: ImageSource, prompt: Optional[str] = None, 
             settings: Optional[SampleSettings] = None, resize: bool = False, batch_size: int = 8,
             callback: Optional[Callable[[StepInfo], None]] = None) -> list[Generated]:
     """SDEdit: one image per seed, the input noised to the sigma ``strength`` selects and denoised from there."""
-    inp = _fit(pipe, read_image(image, pipe.codec.image_channels), resize)
+    inp = fit_input(pipe, image, resize)
     return _edit(pipe, "img2img", inp, None, strength, prompt=prompt, negative=negative, class_label=class_label, seeds=seeds,
                  settings=settings, jumps=0, jump_length=1, batch_size=batch_size, callback=callback, extra={"resize": resize})
 
@@ -507,7 +512,7 @@ def invert(pipe: "Pipeline", image: ImageSource, prompt: Optional[str] = None, *
             or settings.sampler_options.get("s_churn", 0) != 0:
         raise ValueError(f"invert runs deterministic Euler/DDIM or Heun steps; use sampler euler, ddim (eta 0) or heun, "
                          f"not {settings.sampler} {settings.sampler_options or ''}".rstrip())
-    inp = _fit(pipe, read_image(image, pipe.codec.image_channels), resize)
+    inp = fit_input(pipe, image, resize)
     pipe.check_prompt(prompt, negative)
     for p in target_prompts:
         pipe.check_prompt(p, negative)

@@ -135,7 +135,7 @@ class EditFields(JobFields):
         with field_errors("image"):
             upload, image = Upload.decode(self.image, "image", max_bytes=limits.max_upload_bytes,
                                           max_pixels=limits.max_upload_pixels)
-            edit._fit(pipe, edit.read_image(image, pipe.codec.image_channels), self.resize)
+            edit.fit_input(pipe, image, self.resize)
         return EditParams(name, self.prompt, self.negative_prompt, self.class_label, self.seed, self.batch, settings, upload,
                           strength, self.resize), image
 
