@@ -150,7 +150,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.prompt is not None and len(args.prompt) > 1000:
         raise ValueError(f"the prompt is {len(args.prompt)} characters long; keep it under 1000")
     seeds = parse_seeds(args.seed)
-    pipe = Pipeline.load(args.model, vae_tile=args.vae_tile)
+    pipe = Pipeline.load(args.model, vae_tile=args.vae_tile, precision=args.precision, compile=args.compile)
     keys = _provenance_options(pipe, args)
     settings = _sample_settings(pipe, args)
     out = _writable_folder(Path(args.out))
@@ -419,7 +419,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     serve(args.model or ["shapes"], host=args.host, port=args.port, max_queue=args.max_queue, max_batch=args.max_batch,
           keep_jobs=args.keep_jobs, token=args.token, max_upload_mb=args.max_upload_mb, max_upload_pixels=args.max_upload_pixels,
-          out=Path(args.out) if args.out else None, device=args.device)
+          out=Path(args.out) if args.out else None, device=args.device, precision=args.precision, compile=args.compile)
     return 0
 
 
@@ -470,6 +470,18 @@ def _generation_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace existing files")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
+
+
+def _fast_path_flags(p: argparse.ArgumentParser) -> None:
+    """--precision and --compile/--no-compile (diffuse.fastpath): for generate, every edit and serve."""
+    from .fastpath import PRECISIONS
+
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", help="denoiser arithmetic; auto: bf16 autocast "
+                   "where the hardware multiplies bf16 natively (CUDA, CPUs with avx512_bf16 or amx_bf16), else fp32 "
+                   "(recorded in the PNG)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="run the denoiser through "
+                   "torch.compile, compiled graphs cached in $DIFFUSE_CACHE/inductor; off by default: on CPU compiling "
+                   "takes far longer than sampling (see README)")
 
 
 def _provenance_flags(p: argparse.ArgumentParser) -> None:
@@ -541,6 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, help="image size in pixels; default: the model's native size")
     p.add_argument("--grid", action="store_true", help="also write a grid of all images")
     _provenance_flags(p)
+    _fast_path_flags(p)
 
     p = _subparser(subs, "edit", "Edit an image: img2img (SDEdit), inpaint, outpaint, invert.")
     edits = p.add_subparsers(dest="edit", metavar="EDIT")
@@ -550,6 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
         _edit_flags(name, sub)
         _correction_flags(sub)
         _provenance_flags(sub)
+        _fast_path_flags(sub)
 
     p = _subparser(subs, "eval", "Evaluate a model or a folder of images.")
     metrics = p.add_subparsers(dest="metric", metavar="METRIC")
@@ -609,6 +623,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-upload-pixels", type=int, default=2048 * 2048, help="largest edit upload in pixels")
     p.add_argument("--out", help="also write every result PNG to this folder, named JOBID-N.png")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    _fast_path_flags(p)
 
     p = _subparser(subs, "replay", "Regenerate a PNG from its generation record and compare the pixels "
                    "(bit-exact on the same software, else within --tolerance); exit status 1 when they differ. "

@@ -12,11 +12,11 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from .fastpath import PRECISIONS
 from .losses import LossConfig
 from .noise_levels import NoiseLevels
 
 CONDITIONINGS = ("none", "class", "text")
-PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -64,8 +64,10 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_halflife_nimg: float = 20_000.0
     ema_rampup_ratio: float = 0.05
-    precision: str = "bf16"  # fp32 | bf16 (autocast; fp16 is never used on CPU)
-    compile: bool = False
+    # auto | fp32 | bf16 (autocast; fp16 is never used on CPU). A new run stores what auto resolved to:
+    # bf16 where the hardware multiplies it natively, else fp32 (diffuse.fastpath.resolve_precision)
+    precision: str = "auto"
+    compile: bool = False  # torch.compile the backbone: +1-8% images/s for 86-102 s of compiling (bench/RESULTS.md)
     cond_dropout: float = 0.1
     seed: int = 0
     log_every: int = 10
@@ -82,7 +84,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {self.precision!r}; use fp32 or bf16 (fp16 is not supported: it is ~200x slower on CPU)")
+            raise ValueError(f"unknown precision {self.precision!r}; use auto, fp32 or bf16 (fp16 is not supported: it is "
+                             f"~200x slower on CPU)")
         for name in ("batch_size", "grad_accum", "max_steps", "log_every", "checkpoint_every", "sample_every", "keep_checkpoints", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")

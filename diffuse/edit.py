@@ -556,7 +556,7 @@ def run_edit(args: Any) -> int:
     from .pipeline import Pipeline
 
     image = Path(args.image)
-    pipe = Pipeline.load(args.model, vae_tile=args.vae_tile)
+    pipe = Pipeline.load(args.model, vae_tile=args.vae_tile, precision=args.precision, compile=args.compile)
     keys = _provenance_options(pipe, args)
     if args.edit == "invert":  # unless asked otherwise: an invertible sampler, and the unguided ODE
         pipe.defaults = dataclasses.replace(pipe.defaults, sampler="heun", sampler_options={}, cfg=1.0)

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
 
-from . import checkpoint
+from . import checkpoint, fastpath
 from .config import ModelConfig
 from .nn import build_backbone
 from .precond import make_precond
@@ -32,6 +32,9 @@ class DiffusionModel(nn.Module):
         self.denoiser = make_precond(cfg.precond, backbone, sigma_data=cfg.sigma_data, sigma_min=cfg.sigma_min,
                                      sigma_max=cfg.sigma_max)
         self.text_encoder = build_text_encoder(cfg.text_encoder, cfg.text_config) if cfg.conditioning == "text" else None
+        self.precision = "fp32"  # sampling: fp32, or bf16 (the backbone under autocast); see set_fast_path
+        self.compiled = False
+        self._compiled_denoise: Optional[Callable] = None
 
     @property
     def sigma_min(self) -> float:
@@ -47,7 +50,26 @@ class DiffusionModel(nn.Module):
             return 2 ** (len(self.cfg.backbone_config["channel_mult"]) - 1)
         return None
 
+    def set_fast_path(self, precision: str = "fp32", compile: bool = False) -> None:
+        """How forward runs: ``precision`` fp32 or bf16 (resolved, see :func:`diffuse.fastpath.resolve_precision`),
+        ``compile``: through torch.compile (compiled on the first call, cached on disk)."""
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"a model runs in fp32 or bf16, got {precision!r} (resolve 'auto' first)")
+        self.precision, self.compiled = precision, bool(compile)
+
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        if not self.compiled:
+            return self.denoise(x, sigma, cond)
+        if self._compiled_denoise is None:
+            self._compiled_denoise = fastpath.compile_denoiser(self.denoise)
+        return self._compiled_denoise(x, sigma, cond)
+
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        """D(x, sigma, cond) [B, ...] float32 at ``self.precision``: with bf16 the backbone runs under autocast,
+        the preconditioning around it stays float32. With fp32 no autocast is entered (a caller's own applies)."""
+        if self.precision == "bf16":
+            with torch.autocast(x.device.type, dtype=torch.bfloat16):
+                return self.denoiser(x, sigma, cond)
         return self.denoiser(x, sigma, cond)
 
     # ------------------------------------------------------------ conditions

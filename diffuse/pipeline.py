@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from PIL import Image
 
-from . import __version__, rng, safety, schedules, watermark
+from . import __version__, fastpath, rng, safety, schedules, watermark
 from .codec import Codec, PixelCodec, VAECodec
 from .corrections import DCW, EpsScaling, check_dcw, check_eps_scaling
 from .guidance import CFGDenoiser
@@ -163,18 +163,32 @@ class Pipeline:
         self.watermark = True  # invisible watermark on images of at least 256x256 (recorded either way)
 
     @classmethod
-    def load(cls, name_or_path: str | Path = "shapes", device: str = "cpu", vae_tile: int = 0) -> "Pipeline":
+    def load(cls, name_or_path: str | Path = "shapes", device: str = "cpu", vae_tile: int = 0, precision: str = "auto",
+             compile: bool = False) -> "Pipeline":
         """Load a shipped model by name or a model folder by path; its config's "sampling" block sets the defaults.
 
         ``vae_tile``: for a latent model, decode latents larger than this many latents on a side in
         tiles with global GroupNorm statistics (bounded memory, same image; 0: whole decodes).
+        ``precision`` and ``compile``: the fast path (:meth:`set_fast_path`).
         """
         folder = resolve_model(name_or_path)
         model, config = DiffusionModel.load(folder)
         if vae_tile < 0:
             raise ValueError(f"--vae-tile must be >= 0 (0: no tiling), got {vae_tile}")
         codec = VAECodec.load(folder / model.cfg.codec, tile=vae_tile) if model.cfg.codec else None
-        return cls(model, folder.name, file_hash(folder / "model.safetensors"), config.get("sampling"), device, codec)
+        pipe = cls(model, folder.name, file_hash(folder / "model.safetensors"), config.get("sampling"), device, codec)
+        pipe.set_fast_path(precision, compile)
+        return pipe
+
+    def set_fast_path(self, precision: str = "auto", compile: bool = False) -> str:
+        """Sample with the denoiser in ``precision`` (auto, fp32 or bf16; auto picks bf16 only where it is fast,
+        see :mod:`diffuse.fastpath`) and, with ``compile``, through torch.compile. Both are recorded in
+        every image's record. Returns the choice and why, e.g. "fp32 (auto: this CPU has no native bf16 ...)"."""
+        choice, why = fastpath.resolve_precision(precision, self.device)
+        if compile:
+            fastpath.check_compile(self.device)
+        self.model.set_fast_path(choice, compile)
+        return f"{choice} ({why}){', compiled' if compile else ''}"
 
     def check_size(self, size: int) -> int:
         """The model's native size, or another size its backbone can make (a clear error otherwise)."""
@@ -279,7 +293,7 @@ class Pipeline:
             "schedule": settings.schedule, "sigmas": sigmas, "cfg": settings.cfg,
             "cfg_rescale": settings.cfg_rescale, "cfg_interval": settings.cfg_interval, "eps_scaling": settings.eps_scaling,
             "eps_scaling_k": settings.eps_scaling_k, "dcw": settings.dcw, "width": size, "height": size,
-            "vae_tile": getattr(self.codec, "tile", 0),
+            "vae_tile": getattr(self.codec, "tile", 0), "precision": self.model.precision, "compile": self.model.compiled,
             "model": self.name, "model_hash": self.model_hash, "diffuse_version": __version__, "torch_version": torch.__version__,
             "device": self.device, "machine": platform.machine(),
             "prompt_filter": self.prompt_filter.summary() if self.prompt_filter is not None else None,

@@ -35,7 +35,7 @@ from torch import nn
 from PIL import Image
 from tqdm import tqdm
 
-from . import checkpoint
+from . import checkpoint, fastpath
 from .config import RunConfig
 from .codec import VAE_SUBDIR, VAECodec
 from .data import make_dataset
@@ -226,8 +226,12 @@ def train(cfg: Optional[RunConfig], run_dir: Path, *, resume: bool = False, max_
     t = cfg.train
     codec = open_codec(cfg)
     dataset = open_dataset(cfg, codec.factor if codec is not None else 1)
-    if not resume:
+    precision, why = fastpath.resolve_precision(t.precision, dev)
+    if not resume:  # the run keeps what auto chose, so a resume elsewhere computes the same way
         cfg = prepare_config(cfg, dataset, codec)
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision))
+        if t.precision == "auto" and d.main:
+            log(f"train.precision auto -> {precision} ({why}); set train.precision=fp32 or bf16 to choose")
     micro_batch = t.batch_size // t.grad_accum
     if micro_batch % d.world:
         raise TrainingError(f"the micro-batch {micro_batch} (batch_size / grad_accum) must divide among {d.world} processes")
@@ -256,10 +260,12 @@ def train(cfg: Optional[RunConfig], run_dir: Path, *, resume: bool = False, max_
 
     stepper: nn.Module = TrainStep(model, cfg)
     if t.compile:
+        fastpath.check_compile(dev)
+        fastpath.use_disk_cache()
         model.denoiser.backbone.compile()
     if d.world > 1:
         stepper = nn.parallel.DistributedDataParallel(stepper, device_ids=[dev.index] if dev.type == "cuda" else None)
-    autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if t.precision == "bf16" else nullcontext()
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
     edges = bucket_edges(cfg.model.sigma_min, cfg.model.sigma_max)
     metrics = MetricsLog(run_dir / METRICS, [f"loss_s{edges[i]:.3g}-{edges[i + 1]:.3g}" for i in range(len(edges) - 1)], step) if d.main else None
     evaluator = TrainingEvaluator(cfg, dataset) if d.main and t.eval_every else None
