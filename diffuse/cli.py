@@ -122,13 +122,31 @@ def _sample_settings(pipe: "Pipeline", args: argparse.Namespace) -> "SampleSetti
 
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
-    return dataclasses.replace(pipe.defaults, **_setting_flags(args))
+    settings = dataclasses.replace(pipe.defaults, **_setting_flags(args))
+    if settings.cfg == 1.0 and settings.cfg_interval is not None and getattr(args, "cfg_interval", None) is not None:
+        raise ValueError("--cfg-interval limits guidance, but this run has none (cfg 1); give --cfg above 1 too")
+    return settings
 
 
 def _setting_flags(args: argparse.Namespace) -> dict:
-    """The sampling flags the user gave (--sampler, --steps, --cfg, --schedule, --eps-scaling[-k], --dcw)."""
-    return {k: v for k, v in (("sampler", args.sampler), ("steps", args.steps), ("cfg", args.cfg), ("schedule", args.schedule),
-                              *((k, getattr(args, k, None)) for k in ("eps_scaling", "eps_scaling_k", "dcw"))) if v is not None}
+    """The sampling flags the user gave (--sampler, --steps, --cfg, --cfg-interval, --schedule, --eps-scaling[-k], --dcw)."""
+    flags = {k: v for k, v in (("sampler", args.sampler), ("steps", args.steps), ("cfg", args.cfg), ("schedule", args.schedule),
+                               *((k, getattr(args, k, None)) for k in ("eps_scaling", "eps_scaling_k", "dcw"))) if v is not None}
+    if getattr(args, "cfg_interval", None) is not None:
+        flags["cfg_interval"] = _cfg_interval(args.cfg_interval)
+    return flags
+
+
+def _cfg_interval(spec: str) -> Optional[tuple[float, float]]:
+    """--cfg-interval LO,HI (sigmas; SampleSettings checks 0 <= LO < HI), or none: guidance on every step."""
+    if spec.strip().lower() == "none":
+        return None
+    try:
+        lo, hi = (float(v) for v in spec.split(","))
+    except ValueError:
+        raise ValueError(f"--cfg-interval takes two sigmas LO,HI (guidance where LO < sigma <= HI), e.g. 0.3,5, "
+                         f"or none; got {spec!r}") from None
+    return lo, hi
 
 
 def _correction_flags(p: argparse.ArgumentParser) -> None:
@@ -410,7 +428,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         words = pipe.model.text_encoder.tokenizer.vocab
         print(f"text-conditional ({m.text_encoder} encoder); vocabulary ({len(words)} words): {' '.join(words)}")
     d = pipe.defaults
-    print(f"sampling defaults: sampler {d.sampler}, {d.steps} steps, schedule {d.schedule}, cfg {d.cfg}")
+    interval = f" (guidance where {d.cfg_interval[0]:g} < sigma <= {d.cfg_interval[1]:g})" if d.cfg_interval else ""
+    print(f"sampling defaults: sampler {d.sampler}, {d.steps} steps, schedule {d.schedule}, cfg {d.cfg}{interval}")
     return 0
 
 
@@ -461,6 +480,7 @@ def _generation_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--sampler", help="sampler name (see `diffuse samplers`); default: the model's")
     p.add_argument("--steps", type=int, help="solver steps; default: the model's")
     p.add_argument("--cfg", type=float, help="classifier-free guidance scale (1 = off); default: the model's")
+    _cfg_interval_flag(p, "default: the model's")
     p.add_argument("--schedule", help="sigma schedule (karras, exponential, ...); default: the model's")
     p.add_argument("--seed", default="0", help="seeds, one image each: 7, 0-7 or 1,5,9")
     p.add_argument("--batch-size", type=int, default=8, help="images sampled together (results do not depend on it)")
@@ -482,6 +502,11 @@ def _fast_path_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="run the denoiser through "
                    "torch.compile, compiled graphs cached in $DIFFUSE_CACHE/inductor; off by default: on CPU compiling "
                    "takes far longer than sampling (see README)")
+
+
+def _cfg_interval_flag(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument("--cfg-interval", metavar="LO,HI", help="guide only where LO < sigma <= HI, skipping the unconditional "
+                   f"branch elsewhere (Kynkaanniemi et al. 2024), e.g. 0.3,5; none: every step; {default}")
 
 
 def _provenance_flags(p: argparse.ArgumentParser) -> None:
@@ -544,6 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", help="the model's default sampler (default: dpmpp_2m)")
     p.add_argument("--steps", type=int, help="the model's default number of steps (default: 20)")
     p.add_argument("--cfg", type=float, help="the model's default guidance scale (default: 1, off)")
+    _cfg_interval_flag(p, "the model's default (default: none)")
     p.add_argument("--schedule", help="the model's default sigma schedule (default: karras)")
 
     p = _subparser(subs, "generate", "Generate images from a prompt (text models) or a class label (class models).")
@@ -660,11 +686,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .checkpoint import CheckpointError
-
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, CheckpointError, OSError) as e:
+    except (ValueError, OSError) as e:  # CheckpointError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -48,6 +48,17 @@ def select_cond(c: Cond, mask: torch.Tensor) -> Cond:
     return c[mask]
 
 
+def check_interval(interval: Any) -> tuple[float, float]:
+    """A guidance interval (sigma_lo, sigma_hi) as two floats; ValueError unless 0 <= lo < hi, both finite."""
+    try:
+        lo, hi = (float(v) for v in interval)
+    except (TypeError, ValueError):
+        raise ValueError(f"the guidance interval (cfg_interval, --cfg-interval LO,HI) must be two sigmas, got {interval!r}") from None
+    if not (math.isfinite(hi) and 0 <= lo < hi):
+        raise ValueError(f"the guidance interval (cfg_interval, --cfg-interval LO,HI) needs 0 <= LO < HI, both finite, got {interval}")
+    return lo, hi
+
+
 class CFGDenoiser:
     """Classifier-free guidance wrapper; itself a Denoiser.
 
@@ -65,13 +76,11 @@ class CFGDenoiser:
             raise ValueError(f"guidance scale must be a finite number, got {scale}")
         if not 0.0 <= rescale <= 1.0:
             raise ValueError(f"guidance rescale must be in [0, 1], got {rescale}")
-        if interval is not None and not (0 <= interval[0] < interval[1]):
-            raise ValueError(f"guidance interval must be (sigma_lo, sigma_hi) with 0 <= lo < hi, got {interval}")
         self.denoiser = denoiser
         self.scale = float(scale)
         self.uncond = uncond
         self.rescale = float(rescale)
-        self.interval = interval
+        self.interval = None if interval is None else check_interval(interval)
 
     def active(self, sigma: torch.Tensor) -> torch.Tensor:
         """Boolean [B]: where guidance applies at these noise levels."""

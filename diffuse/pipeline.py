@@ -19,7 +19,7 @@ from PIL import Image
 from . import __version__, fastpath, rng, safety, schedules, watermark
 from .codec import Codec, PixelCodec, VAECodec
 from .corrections import DCW, EpsScaling, check_dcw, check_eps_scaling
-from .guidance import CFGDenoiser
+from .guidance import CFGDenoiser, check_interval
 from .model import DiffusionModel
 from .plot import to_uint8
 from .record import file_hash, save_png
@@ -34,7 +34,9 @@ class SampleSettings:
     ``eps_scaling`` (b) and ``eps_scaling_k`` (k): epsilon scaling with lambda(sigma) =
     b + k sigma / sigma_max (Ning et al. 2023; :class:`~diffuse.corrections.EpsScaling`);
     b = 1, k = 0 is off. ``dcw``: lambda_l of the wavelet low-band SNR-t correction
-    (:class:`~diffuse.corrections.DCW`); 0 is off.
+    (:class:`~diffuse.corrections.DCW`); 0 is off. ``cfg_interval`` (lo, hi): guidance only where
+    lo < sigma <= hi, the unconditional branch skipped elsewhere (Kynkaanniemi et al. 2024,
+    "Applying guidance in a limited interval"; :class:`~diffuse.guidance.CFGDenoiser`); None guides every step.
     """
 
     sampler: str = "dpmpp_2m"
@@ -56,6 +58,8 @@ class SampleSettings:
             raise ValueError(f"steps must be an integer >= 1, got {self.steps}")
         if not math.isfinite(self.cfg):
             raise ValueError(f"guidance scale must be a finite number, got {self.cfg}")
+        if self.cfg_interval is not None:  # a model folder's JSON gives a list; the settings hold a tuple
+            object.__setattr__(self, "cfg_interval", check_interval(self.cfg_interval))
         check_eps_scaling(self.eps_scaling, self.eps_scaling_k)
         check_dcw(self.dcw)
 

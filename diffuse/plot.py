@@ -8,7 +8,7 @@ from typing import BinaryIO, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 PALETTE = [(0, 0, 0), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75), (31, 119, 180), (227, 119, 194)]
 
@@ -37,6 +37,8 @@ def image_grid(images: np.ndarray, columns: int = 0, scale: int = 1, pad: int = 
 def line_chart(series: dict[str, Sequence[tuple[float, float]]], path: "Path | BinaryIO", *, title: str = "", log_y: bool = True,
                size: tuple[int, int] = (640, 360)) -> None:
     """Draw named (x, y) series as a line chart PNG (log y axis by default)."""
+    from PIL import ImageDraw  # loads FreeType: only charts need it, not `diffuse generate`
+
     width, height = size
     margin_l, margin_r, margin_t, margin_b = 60, 150, 28, 30
     img = Image.new("RGB", size, "white")

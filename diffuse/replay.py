@@ -151,9 +151,8 @@ def _pipeline(record: dict[str, Any], job: _Job, report: ReplayReport) -> Pipeli
 
 
 def _settings(record: dict[str, Any]) -> SampleSettings:
-    interval = record.get("cfg_interval")
     return SampleSettings(sampler=record["sampler"], steps=record["steps"], schedule=record["schedule"], cfg=record["cfg"],
-                          cfg_rescale=record.get("cfg_rescale", 0.0), cfg_interval=tuple(interval) if interval else None,
+                          cfg_rescale=record.get("cfg_rescale", 0.0), cfg_interval=record.get("cfg_interval"),
                           sampler_options=record.get("sampler_options") or {},
                           eps_scaling=record.get("eps_scaling", 1.0), eps_scaling_k=record.get("eps_scaling_k", 0.0),
                           dcw=record.get("dcw", 0.0))
@@ -180,8 +179,9 @@ def _regenerate(record: dict[str, Any], job: _Job, report: ReplayReport) -> Imag
     corrections = "".join([f", eps scaling {settings.eps_scaling:g} (k {settings.eps_scaling_k:g})"
                            if (settings.eps_scaling, settings.eps_scaling_k) != (1.0, 0.0) else "",
                            f", dcw {settings.dcw:g}" if settings.dcw else ""])
+    interval = f" where {settings.cfg_interval[0]:g} < sigma <= {settings.cfg_interval[1]:g}" if settings.cfg_interval else ""
     report.add("settings", True, f"{kind}: {settings.sampler}, {settings.steps} steps, {settings.schedule}, cfg {settings.cfg:g}"
-                                 f"{corrections}, seed {record['seed']}, {record['width']}x{record['height']}, "
+                                 f"{interval}{corrections}, seed {record['seed']}, {record['width']}x{record['height']}, "
                                  f"{pipe.model.precision}{', compiled' if pipe.model.compiled else ''}")
     source = None if kind == "generate" else _input_for(pipe, record, job, report)  # may replay a chain on this pipe
     mask = _mask_for(record, job, report) if kind == "inpaint" else None

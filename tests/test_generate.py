@@ -84,6 +84,9 @@ def test_cli_writes_pngs_and_grid(text_model, tmp_path):
     (["a red circle", "--sampler", "fastest"], "unknown sampler 'fastest'; known samplers:"),
     (["a red circle", "--seed", "5-1"], "runs backwards"),
     (["a " * 40 + "circle"], "prompt is too long: 43 tokens"),
+    (["a red circle", "--cfg-interval", "5,0.3"], "guidance interval (cfg_interval, --cfg-interval LO,HI) needs 0 <= LO < HI"),
+    (["a red circle", "--cfg-interval", "0.3"], "--cfg-interval takes two sigmas LO,HI"),
+    (["a red circle", "--cfg", "1", "--cfg-interval", "0.3,5"], "this run has none (cfg 1); give --cfg above 1 too"),
 ])
 def test_cli_bad_input_is_one_line_error(text_model, tmp_path, args, message):
     r = _generate(*args, "--model", str(text_model), "--out", str(tmp_path), "--quiet")
@@ -98,3 +101,16 @@ def test_missing_model_and_unwritable_output(text_model, tmp_path):
     blocker.write_text("x")
     r = _generate("a red circle", "--model", str(text_model), "--out", str(blocker / "sub"), "--quiet")
     assert r.returncode == 2 and "cannot create output folder" in r.stderr
+
+
+def test_a_model_ships_a_guidance_interval_that_flags_override_and_records_keep(tiny_text_model, tmp_path):
+    folder = tiny_text_model({"cfg": 2.0, "steps": 4, "cfg_interval": [0.3, 5]})
+    assert Pipeline.load(folder).defaults.cfg_interval == (0.3, 5.0)
+    runs = {"model": [], "flag": ["--cfg-interval", "0.5,10"], "none": ["--cfg-interval", "none"]}
+    for name, flags in runs.items():
+        r = _generate(CAPTIONS[1], "--model", str(folder), "--out", str(tmp_path / name), "--quiet", *flags)
+        assert r.returncode == 0, r.stderr
+    intervals = {name: read_record(tmp_path / name / "a-green-triangle-s0.png")["cfg_interval"] for name in runs}
+    assert intervals == {"model": [0.3, 5.0], "flag": [0.5, 10.0], "none": None}
+    pixels = {name: np.asarray(Image.open(tmp_path / name / "a-green-triangle-s0.png")) for name in runs}
+    assert not np.array_equal(pixels["model"], pixels["none"]) and not np.array_equal(pixels["model"], pixels["flag"])

@@ -1,9 +1,13 @@
-"""Classifier-free guidance wrappers: exact combination, one batched forward, rescale, interval."""
+"""Classifier-free guidance wrappers: exact combination, one batched forward, rescale, interval; the interval
+in sampling (bit-exact limits, U-Net evaluations saved) and its checks."""
 
 import pytest
 import torch
 
 from diffuse.guidance import CFGDenoiser
+from diffuse.pipeline import Pipeline, SampleSettings, generate
+
+from conftest import CAPTIONS
 
 
 class Recorder:
@@ -81,3 +85,55 @@ def test_bad_guidance_settings(kw, message):
     args = dict(scale=2.0, uncond=None) | kw
     with pytest.raises(ValueError, match=message):
         CFGDenoiser(lambda x, s, c: x, **args)
+
+
+# ---------------------------------------------------------------- the guidance interval in sampling (Kynkaanniemi et al. 2024)
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_text_model):
+    return Pipeline.load(tiny_text_model()).model
+
+
+def _sample(model, **settings):
+    return generate(model, SampleSettings(steps=6, **settings), [3, 4], prompts=[CAPTIONS[0], CAPTIONS[1]])
+
+
+def test_interval_covering_every_sigma_is_plain_cfg_bit_for_bit(tiny_model):
+    plain = _sample(tiny_model, cfg=3.0)
+    covering = _sample(tiny_model, cfg=3.0, cfg_interval=(0.0, tiny_model.sigma_max))  # sigma_max itself: lo < sigma <= hi
+    assert torch.equal(covering, plain)
+    assert not torch.equal(plain, _sample(tiny_model, cfg=1.0))
+
+
+@pytest.mark.parametrize("interval", [(100.0, 200.0), (0.0, 0.001)])  # above sigma_max; below the smallest sigma evaluated
+def test_interval_excluding_every_sigma_is_no_guidance_bit_for_bit(tiny_model, interval):
+    assert torch.equal(_sample(tiny_model, cfg=3.0, cfg_interval=interval), _sample(tiny_model, cfg=1.0))
+
+
+def test_each_step_outside_the_interval_saves_one_unet_evaluation_per_image(tiny_model):
+    rows = []
+    hook = tiny_model.denoiser.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    try:
+        _sample(tiny_model, cfg=3.0)
+        plain, rows[:] = sum(rows) / 2, []
+        lo, hi = 0.3, 5.0
+        _sample(tiny_model, cfg=3.0, cfg_interval=(lo, hi))
+        limited = sum(rows) / 2
+    finally:
+        hook.remove()
+    sigmas = SampleSettings(steps=6).sigmas(tiny_model).tolist()[:-1]  # dpmpp_2m: one evaluation per sigma but the last 0
+    skipped = sum(not lo < s <= hi for s in sigmas)
+    assert 0 < skipped < 6 and plain == 2 * 6 and limited == plain - skipped
+
+
+@pytest.mark.parametrize("interval, message", [
+    ((5.0, 0.3), "needs 0 <= LO < HI"), ((-1.0, 2.0), "needs 0 <= LO < HI"), ((0.3, float("inf")), "both finite"),
+    ((1.0,), "must be two sigmas"), ("0.3,5", "must be two sigmas"),
+])
+def test_bad_interval_in_settings(interval, message):
+    with pytest.raises(ValueError, match=message):
+        SampleSettings(cfg=2.0, cfg_interval=interval)
+
+
+def test_settings_hold_the_interval_as_a_tuple_of_floats():
+    assert SampleSettings(cfg_interval=[0, 5]).cfg_interval == (0.0, 5.0)

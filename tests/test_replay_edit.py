@@ -224,6 +224,19 @@ def test_corrections_change_edits_and_replay_reproduces_them(pipe, text_model, p
     assert not np.array_equal(np.asarray(a.image), np.asarray(b.image))
 
 
+def test_replay_honors_the_guidance_interval_of_generate_and_edit_records(pipe, text_model, tmp_path):
+    limited = SampleSettings(steps=4, cfg=3.0, cfg_interval=(0.3, 5.0))
+    [a] = pipe(CAPTIONS[0], seeds=[1], settings=limited)
+    [b] = pipe.img2img(a.save(tmp_path / "a.png"), CAPTIONS[1], strength=0.8, seeds=[2], settings=limited)
+    assert a.record["cfg_interval"] == b.record["cfg_interval"] == (0.3, 5.0)
+    report = replay(b.save(tmp_path / "b.png"), model=str(text_model))
+    assert report.exact and report.matched, report.lines()
+    assert "cfg 3 where 0.3 < sigma <= 5," in dict((n, d) for n, _, d in report.items)["settings"]
+    # the same pixels under a record without the interval: replay guides every step and no longer matches
+    save_png(a.image, tmp_path / "plain.png", {**a.record, "cfg_interval": None})
+    assert not replay(tmp_path / "plain.png", model=str(text_model)).matched
+
+
 @pytest.fixture(scope="module")
 def deep_text_model(tmp_path_factory, random_model):
     """A 16x16 text model with 5 levels and attention only at the deepest (1/16 of the side), so
