@@ -27,7 +27,8 @@ guidance and sampler code, so the comparison is between the networks.
 * Peak memory: each (model, mode, batch) runs in its own process (forked on CPU, spawned on
   CUDA); its peak resident set size (VmHWM) is reset after the model is built (clear_refs), so
   it covers weights + activations + the imported libraries during the timed calls (the first
-  one compiles, where a mode compiles) and the 20-step run, not construction. On CUDA, ``torch.cuda.max_memory_allocated`` as well.
+  one compiles, where a mode compiles) and the 20-step run, not construction. On CUDA,
+  ``torch.cuda.max_memory_allocated`` as well.
 * Roofline: the best of several 1024^2 and 2048^2 matmuls (on CUDA 4096^2 and 8192^2) in fp32
   and bf16, measured at the start and the end of the run; each row's GFLOP/s is given as a
   fraction of the better fp32 and the better bf16 peak.
@@ -36,15 +37,22 @@ guidance and sampler code, so the comparison is between the networks.
 
 Modes: ``fp32`` or ``bf16`` (``torch.autocast``) plus flags joined by ``+``: ``cl`` (channels_last
 model and input), ``compile`` (``backbone.compile()``, cold: a fresh Inductor cache per process
-unless ``--compile-cache DIR``), ``graph`` (CUDA only: ``torch.compile(mode="reduce-overhead")``,
-i.e. one CUDA graph replayed per denoiser call of the sampling loop; the loop itself is not
-captured, since guidance and the sampler decide on the host).
+unless ``--compile-cache DIR``; Inductor's precompiled C++ headers stay shared), ``graph`` (CUDA
+only: ``torch.compile(mode="reduce-overhead")``, i.e. one CUDA graph replayed per denoiser call
+of the sampling loop; the loop itself is not captured, since guidance and the sampler decide on
+the host).
 
-    python bench/speed.py --quick                                         # ~1 minute smoke run, not a result
-    python bench/speed.py --models tiny digits shapes-t2i shapes-t2i@diffusers latent-shapes-t2i \\
-        latent-shapes-t2i@diffusers latent-folder shapes-dit              # all small models, all modes
-    python bench/speed.py --models sd15 sd15@diffusers --modes fp32 bf16 --batches 1 --repeats 1
-    python bench/speed.py --device cuda                                   # the same grid on a GPU (+graph modes)
+The full grid (all models x modes x batches 1 and 8) takes many hours on a 2-core CPU; it prints
+its own estimate after measuring the peaks. Split it, e.g.:
+
+    python bench/speed.py --quick                                     # ~1 minute smoke run, not a result
+    SMALL="tiny digits shapes-t2i shapes-t2i@diffusers latent-shapes-t2i latent-shapes-t2i@diffusers latent-folder shapes-dit"
+    python bench/speed.py --models $SMALL --modes fp32 bf16 fp32+cl bf16+cl
+    python bench/speed.py --models $SMALL --modes fp32+compile bf16+compile
+    python bench/speed.py --models sd15 sd15@diffusers --modes fp32 bf16 fp32+cl bf16+cl --batches 1 --repeats 2 --warmup 0
+    python bench/speed.py --models sd15 sd15@diffusers --modes fp32 bf16 fp32+cl bf16+cl --batches 8 --repeats 1 --warmup 0
+    python bench/speed.py --models sd15 sd15@diffusers --modes fp32+compile bf16+compile --repeats 1 --warmup 0
+    python bench/speed.py --device cuda                               # the whole grid on a GPU (+graph modes)
 """
 
 from __future__ import annotations
@@ -203,7 +211,11 @@ def preset_subject(name: str) -> Subject:
 
 def sd15_subject() -> Subject:
     """Our U-Net with SD 1.5's configuration and random weights, random 77-token contexts, EDM preconditioning."""
-    backbone = UNet(SD15)
+    with torch.device("meta"):  # skip the 860M-parameter init that randomize overwrites
+        backbone = UNet(SD15)
+    if any(True for _ in backbone.buffers()):
+        raise RuntimeError("the SD 1.5 U-Net has buffers, which to_empty would leave uninitialized; build it on the CPU")
+    backbone.to_empty(device="cpu")
     randomize(backbone)
     gen = torch.Generator().manual_seed(1)
     cond, uncond = ({"text": torch.randn(1, SD15_TOKENS, SD15.text_dim, generator=gen)} for _ in range(2))
@@ -251,13 +263,18 @@ def diffusers_config(cfg: UNetConfig, *, linear_projection: bool) -> dict[str, A
 
 
 def diffusers_twin(subject: Subject, *, linear_projection: bool) -> Subject:
-    """The subject with its U-Net replaced by diffusers' of the same configuration and the same weights."""
+    """The subject with its U-Net replaced by diffusers' of the same configuration and the same weights
+    (built on the meta device and given our tensors, so the weights are neither initialized nor held twice)."""
     from diffusers import UNet2DConditionModel
 
     ours = subject.denoiser.backbone
-    unet = UNet2DConditionModel(**diffusers_config(ours.config, linear_projection=linear_projection))
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**diffusers_config(ours.config, linear_projection=linear_projection))
     shapes_theirs = {k: v.shape for k, v in unet.state_dict().items()}
-    unet.load_state_dict({k: v.reshape(shapes_theirs.get(k, v.shape)) for k, v in ours.state_dict().items()}, strict=True)
+    unet.load_state_dict({k: v.reshape(shapes_theirs.get(k, v.shape)) for k, v in ours.state_dict().items()}, strict=True,
+                         assign=True)
+    if any(p.is_meta for p in unet.parameters()) or any(b.is_meta for b in unet.buffers()):
+        raise RuntimeError("diffusers' U-Net has tensors our U-Net has no weights for")
     subject.denoiser.backbone = DiffusersUNet(unet.eval())
     return subject
 
