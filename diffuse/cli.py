@@ -168,7 +168,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.prompt is not None and len(args.prompt) > 1000:
         raise ValueError(f"the prompt is {len(args.prompt)} characters long; keep it under 1000")
     seeds = parse_seeds(args.seed)
-    pipe = Pipeline.load(args.model, vae_tile=args.vae_tile, precision=args.precision, compile=args.compile)
+    pipe = Pipeline.load(args.model, vae_tile=args.vae_tile, **_fast_path_options(args))
     keys = _provenance_options(pipe, args)
     settings = _sample_settings(pipe, args)
     out = _writable_folder(Path(args.out))
@@ -438,7 +438,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     serve(args.model or ["shapes"], host=args.host, port=args.port, max_queue=args.max_queue, max_batch=args.max_batch,
           keep_jobs=args.keep_jobs, token=args.token, max_upload_mb=args.max_upload_mb, max_upload_pixels=args.max_upload_pixels,
-          out=Path(args.out) if args.out else None, device=args.device, precision=args.precision, compile=args.compile)
+          out=Path(args.out) if args.out else None, device=args.device, **_fast_path_options(args))
     return 0
 
 
@@ -493,12 +493,14 @@ def _generation_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def _fast_path_flags(p: argparse.ArgumentParser) -> None:
-    """--precision and --compile/--no-compile (diffuse.fastpath): for generate, every edit and serve."""
+    """--precision, --[no-]channels-last and --[no-]compile (diffuse.fastpath): for generate, every edit and serve."""
     from .fastpath import PRECISIONS
 
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help="denoiser arithmetic; auto: bf16 autocast "
                    "where the hardware multiplies bf16 natively (CUDA, CPUs with avx512_bf16 or amx_bf16), else fp32 "
                    "(recorded in the PNG)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="convolutions in "
+                   "NHWC memory order (faster on CPU; recorded in the PNG)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="run the denoiser through "
                    "torch.compile, compiled graphs cached in $DIFFUSE_CACHE/inductor; off by default: on CPU compiling "
                    "takes far longer than sampling (see README)")
@@ -507,6 +509,11 @@ def _fast_path_flags(p: argparse.ArgumentParser) -> None:
 def _cfg_interval_flag(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument("--cfg-interval", metavar="LO,HI", help="guide only where LO < sigma <= HI, skipping the unconditional "
                    f"branch elsewhere (Kynkaanniemi et al. 2024), e.g. 0.3,5; none: every step; {default}")
+
+
+def _fast_path_options(args: argparse.Namespace) -> dict:
+    """Pipeline.load's keywords from the fast-path flags."""
+    return {"precision": args.precision, "channels_last": args.channels_last, "compile": args.compile}
 
 
 def _provenance_flags(p: argparse.ArgumentParser) -> None:

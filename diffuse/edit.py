@@ -552,11 +552,11 @@ def run_edit(args: Any) -> int:
     """`diffuse edit img2img|inpaint|outpaint|invert`: write one PNG (with its record) per result."""
     from tqdm import tqdm
 
-    from .cli import _provenance_options, _sample_settings, _slug, _writable_folder, _write_results
+    from .cli import _fast_path_options, _provenance_options, _sample_settings, _slug, _writable_folder, _write_results
     from .pipeline import Pipeline
 
     image = Path(args.image)
-    pipe = Pipeline.load(args.model, vae_tile=args.vae_tile, precision=args.precision, compile=args.compile)
+    pipe = Pipeline.load(args.model, vae_tile=args.vae_tile, **_fast_path_options(args))
     keys = _provenance_options(pipe, args)
     if args.edit == "invert":  # unless asked otherwise: an invertible sampler, and the unguided ODE
         pipe.defaults = dataclasses.replace(pipe.defaults, sampler="heun", sampler_options={}, cfg=1.0)

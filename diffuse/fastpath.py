@@ -1,27 +1,33 @@
-"""The fast path of sampling and training: the precision choice and ``torch.compile`` with an on-disk cache.
+"""The fast path of sampling and training: the precision choice, channels_last, and ``torch.compile``
+with an on-disk cache. Every choice is recorded in a PNG's record and honored by replay.
 
 **Precision** (``--precision``, ``Pipeline.load(precision=)``, ``train.precision``) is ``auto``,
 ``fp32`` or ``bf16``. ``bf16`` runs the backbone under bf16 autocast (the preconditioning and the
 sampler stay float32, DESIGN.md §4 rule 7). It pays only where the hardware multiplies bf16
 natively; elsewhere oneDNN emulates it and it is slower than fp32 (on an Intel Xeon without
-avx512_bf16, 1024² bf16 matmuls ran 2.4-30x slower than fp32; on an AMD EPYC with it, about 2x
-faster). So ``auto`` resolves (:func:`resolve_precision`) to
+avx512_bf16, 1024² bf16 matmuls ran 3-30x slower than fp32 and shapes sampling took 2.0x the CPU
+time; on an AMD EPYC with native bf16, training ran 1.8x faster). So ``auto`` resolves
+(:func:`resolve_precision`) to
 
 * ``bf16`` on CUDA when ``torch.cuda.is_bf16_supported()``;
 * ``bf16`` on a CPU whose flags include ``avx512_bf16`` or ``amx_bf16`` (:data:`NATIVE_BF16_FLAGS`,
-  read from torch's own CPU capability query, else from ``/proc/cpuinfo``);
+  read from torch's own CPU capability query and ``/proc/cpuinfo``);
 * ``fp32`` everywhere else (other CPUs, including ARM ones whose bf16 speed was never measured here,
   and other devices).
 
 The resolved choice, never ``auto``, is what a PNG's generation record keeps, so replay on any
 machine regenerates with the same arithmetic. Records written before the field existed were fp32.
 
-**Compile** (``--compile``): the denoiser is wrapped by ``torch.compile`` (inductor), its compiled
-artifacts cached on disk (inductor's FX graph and AOTAutograd caches) in
+**channels_last** (default on, :meth:`diffuse.model.DiffusionModel.set_fast_path`): NHWC convolutions,
+9-20% less CPU time on the shipped models with the same 8-bit images.
+
+**Compile** (``--compile``, off by default): the denoiser is wrapped by ``torch.compile`` (inductor),
+its compiled artifacts cached on disk (inductor's FX graph, AOTAutograd and kernel caches) in
 ``$TORCHINDUCTOR_CACHE_DIR`` when set, else ``$DIFFUSE_CACHE/inductor`` (``~/.cache/diffuse/inductor``),
-so a second process starts from the cache. Batch sizes are marked dynamic after the first change
-(torch's automatic dynamic shapes), so a server's varying batches cost at most a few recompiles.
-It is off by default for every entry point (see README, "Fast path", for the measurements).
+so a second process starts from the cache. The batch dimension becomes symbolic at the first change
+of batch size (torch's automatic dynamic shapes): two graphs serve every batch size, not one each.
+On CPU compiling takes minutes for a gain of 11-14% per denoiser call, so no entry point compiles
+unless asked (README, "Fast path").
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ class DiffusionModel(nn.Module):
                                      sigma_max=cfg.sigma_max)
         self.text_encoder = build_text_encoder(cfg.text_encoder, cfg.text_config) if cfg.conditioning == "text" else None
         self.precision = "fp32"  # sampling: fp32, or bf16 (the backbone under autocast); see set_fast_path
+        self.channels_last = False
         self.compiled = False
         self._compiled_denoise: Optional[Callable] = None
 
@@ -50,12 +51,14 @@ class DiffusionModel(nn.Module):
             return 2 ** (len(self.cfg.backbone_config["channel_mult"]) - 1)
         return None
 
-    def set_fast_path(self, precision: str = "fp32", compile: bool = False) -> None:
-        """How forward runs: ``precision`` fp32 or bf16 (resolved, see :func:`diffuse.fastpath.resolve_precision`),
-        ``compile``: through torch.compile (compiled on the first call, cached on disk)."""
+    def set_fast_path(self, precision: str = "fp32", *, channels_last: bool = False, compile: bool = False) -> None:
+        """How forward runs: ``precision`` fp32 or bf16 (resolved, see :func:`diffuse.fastpath.resolve_precision`);
+        ``channels_last``: convolution weights and activations in NHWC memory order; ``compile``: through
+        torch.compile (compiled on the first call, cached on disk)."""
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"a model runs in fp32 or bf16, got {precision!r} (resolve 'auto' first)")
-        self.precision, self.compiled = precision, bool(compile)
+        self.precision, self.channels_last, self.compiled = precision, bool(channels_last), bool(compile)
+        self.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)  # 4-d weights only
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any = None) -> torch.Tensor:
         if not self.compiled:
@@ -65,12 +68,15 @@ class DiffusionModel(nn.Module):
         return self._compiled_denoise(x, sigma, cond)
 
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any = None) -> torch.Tensor:
-        """D(x, sigma, cond) [B, ...] float32 at ``self.precision``: with bf16 the backbone runs under autocast,
-        the preconditioning around it stays float32. With fp32 no autocast is entered (a caller's own applies)."""
+        """D(x, sigma, cond) [B, ...] float32, contiguous, at ``self.precision``: with bf16 the backbone runs
+        under autocast, the preconditioning around it stays float32. With fp32 no autocast is entered (a
+        caller's own applies)."""
+        if self.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         if self.precision == "bf16":
             with torch.autocast(x.device.type, dtype=torch.bfloat16):
-                return self.denoiser(x, sigma, cond)
-        return self.denoiser(x, sigma, cond)
+                return self.denoiser(x, sigma, cond).contiguous()
+        return self.denoiser(x, sigma, cond).contiguous()
 
     # ------------------------------------------------------------ conditions
 

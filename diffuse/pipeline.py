@@ -168,12 +168,12 @@ class Pipeline:
 
     @classmethod
     def load(cls, name_or_path: str | Path = "shapes", device: str = "cpu", vae_tile: int = 0, precision: str = "auto",
-             compile: bool = False) -> "Pipeline":
+             channels_last: bool = True, compile: bool = False) -> "Pipeline":
         """Load a shipped model by name or a model folder by path; its config's "sampling" block sets the defaults.
 
         ``vae_tile``: for a latent model, decode latents larger than this many latents on a side in
         tiles with global GroupNorm statistics (bounded memory, same image; 0: whole decodes).
-        ``precision`` and ``compile``: the fast path (:meth:`set_fast_path`).
+        ``precision``, ``channels_last`` and ``compile``: the fast path (:meth:`set_fast_path`).
         """
         folder = resolve_model(name_or_path)
         model, config = DiffusionModel.load(folder)
@@ -181,18 +181,19 @@ class Pipeline:
             raise ValueError(f"--vae-tile must be >= 0 (0: no tiling), got {vae_tile}")
         codec = VAECodec.load(folder / model.cfg.codec, tile=vae_tile) if model.cfg.codec else None
         pipe = cls(model, folder.name, file_hash(folder / "model.safetensors"), config.get("sampling"), device, codec)
-        pipe.set_fast_path(precision, compile)
+        pipe.set_fast_path(precision, channels_last=channels_last, compile=compile)
         return pipe
 
-    def set_fast_path(self, precision: str = "auto", compile: bool = False) -> str:
-        """Sample with the denoiser in ``precision`` (auto, fp32 or bf16; auto picks bf16 only where it is fast,
-        see :mod:`diffuse.fastpath`) and, with ``compile``, through torch.compile. Both are recorded in
-        every image's record. Returns the choice and why, e.g. "fp32 (auto: this CPU has no native bf16 ...)"."""
+    def set_fast_path(self, precision: str = "auto", *, channels_last: bool = True, compile: bool = False) -> str:
+        """Sample with the denoiser in ``precision`` (auto, fp32 or bf16; auto picks bf16 only where it is fast),
+        its convolutions in ``channels_last`` memory order and, with ``compile``, through torch.compile (see
+        :mod:`diffuse.fastpath`). All three are recorded in every image's record. Returns the choice and why,
+        e.g. "fp32 (auto: this CPU has no native bf16 ...), channels_last"."""
         choice, why = fastpath.resolve_precision(precision, self.device)
         if compile:
             fastpath.check_compile(self.device)
-        self.model.set_fast_path(choice, compile)
-        return f"{choice} ({why}){', compiled' if compile else ''}"
+        self.model.set_fast_path(choice, channels_last=channels_last, compile=compile)
+        return f"{choice} ({why}){', channels_last' if channels_last else ''}{', compiled' if compile else ''}"
 
     def check_size(self, size: int) -> int:
         """The model's native size, or another size its backbone can make (a clear error otherwise)."""
@@ -297,7 +298,8 @@ class Pipeline:
             "schedule": settings.schedule, "sigmas": sigmas, "cfg": settings.cfg,
             "cfg_rescale": settings.cfg_rescale, "cfg_interval": settings.cfg_interval, "eps_scaling": settings.eps_scaling,
             "eps_scaling_k": settings.eps_scaling_k, "dcw": settings.dcw, "width": size, "height": size,
-            "vae_tile": getattr(self.codec, "tile", 0), "precision": self.model.precision, "compile": self.model.compiled,
+            "vae_tile": getattr(self.codec, "tile", 0), "precision": self.model.precision,
+            "channels_last": self.model.channels_last, "compile": self.model.compiled,
             "model": self.name, "model_hash": self.model_hash, "diffuse_version": __version__, "torch_version": torch.__version__,
             "device": self.device, "machine": platform.machine(),
             "prompt_filter": self.prompt_filter.summary() if self.prompt_filter is not None else None,

@@ -14,9 +14,10 @@ seed (with the recorded watermark setting) and compares it with the file:
   ``tolerance`` (8-bit levels, default 1.0) and no more than 1% of values differ by more
   than 16 levels.
 
-The denoiser runs in the recorded ``precision`` (fp32 or bf16 autocast; fp32 for records written
-before the field existed) and, when the record says ``compile``, through torch.compile, so the
-arithmetic is the one that made the image whatever this machine's defaults are.
+The denoiser runs in the recorded ``precision`` (fp32 or bf16 autocast), memory order
+(``channels_last``) and, when the record says ``compile``, through torch.compile, so the
+arithmetic is the one that made the image whatever this machine's defaults are; records written
+before these fields existed were fp32, contiguous, uncompiled.
 
 Records carry a ``kind`` ("generate" when absent); each kind has a replayer in
 :data:`REPLAYERS`. An edit (img2img, inpaint, outpaint, invert, invert-edit) also needs its
@@ -139,8 +140,9 @@ def _pipeline(record: dict[str, Any], job: _Job, report: ReplayReport) -> Pipeli
             report.add("model", True, f"{pipe.name}, hash {pipe.model_hash}")
             if hasattr(pipe.codec, "tile"):  # a latent model decodes as the record did (tiled or whole)
                 pipe.codec.tile = record.get("vae_tile", 0)
-            # the recorded arithmetic: records from before the fast path sampled fp32, uncompiled
-            pipe.set_fast_path(record.get("precision", "fp32"), record.get("compile", False))
+            # the recorded arithmetic: records from before the fast path sampled fp32, contiguous, uncompiled
+            pipe.set_fast_path(record.get("precision", "fp32"), channels_last=record.get("channels_last", False),
+                               compile=record.get("compile", False))
             return pipe
         others.append(f"the model {pipe.name} has hash {pipe.model_hash}")
     if not others:
@@ -182,7 +184,8 @@ def _regenerate(record: dict[str, Any], job: _Job, report: ReplayReport) -> Imag
     interval = f" where {settings.cfg_interval[0]:g} < sigma <= {settings.cfg_interval[1]:g}" if settings.cfg_interval else ""
     report.add("settings", True, f"{kind}: {settings.sampler}, {settings.steps} steps, {settings.schedule}, cfg {settings.cfg:g}"
                                  f"{interval}{corrections}, seed {record['seed']}, {record['width']}x{record['height']}, "
-                                 f"{pipe.model.precision}{', compiled' if pipe.model.compiled else ''}")
+                                 f"{pipe.model.precision}{', channels_last' if pipe.model.channels_last else ''}"
+                                 f"{', compiled' if pipe.model.compiled else ''}")
     source = None if kind == "generate" else _input_for(pipe, record, job, report)  # may replay a chain on this pipe
     mask = _mask_for(record, job, report) if kind == "inpaint" else None
     pipe.watermark = bool((record.get("watermark") or {}).get("applied", False))

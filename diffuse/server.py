@@ -254,8 +254,9 @@ def create_app(pipes: dict[str, Pipeline], *, max_queue: int = 32, max_batch: in
 def serve(models: list[str], *, host: str = "127.0.0.1", port: int = 7860, max_queue: int = 32, max_batch: int = 8,
           keep_jobs: int = 100, token: Optional[str] = None, max_upload_mb: float = MAX_UPLOAD_BYTES / 2 ** 20,
           max_upload_pixels: int = MAX_UPLOAD_PIXELS, out: Optional[Path] = None, device: str = "cpu",
-          precision: str = "auto", compile: bool = False) -> None:
-    """Load the models (with the fast path's ``precision`` and ``compile``, see diffuse.fastpath) and serve until interrupted."""
+          precision: str = "auto", channels_last: bool = True, compile: bool = False) -> None:
+    """Load the models (with the fast path's ``precision``, ``channels_last`` and ``compile``, see diffuse.fastpath)
+    and serve until interrupted."""
     import uvicorn
 
     if not 0 < port < 65536:
@@ -269,7 +270,7 @@ def serve(models: list[str], *, host: str = "127.0.0.1", port: int = 7860, max_q
         pipe = Pipeline.load(name, device=device)
         if pipe.name in pipes:
             raise ValueError(f"two models are named {pipe.name!r}; give each model once")
-        print(f"{pipe.name}: {pipe.set_fast_path(precision, compile)}", flush=True)
+        print(f"{pipe.name}: {pipe.set_fast_path(precision, channels_last=channels_last, compile=compile)}", flush=True)
         pipes[pipe.name] = pipe
     app = create_app(pipes, max_queue=max_queue, max_batch=max_batch, keep_jobs=keep_jobs, token=token, out=out,
                      max_upload_bytes=int(max_upload_mb * 2 ** 20), max_upload_pixels=max_upload_pixels)
