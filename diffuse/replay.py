@@ -138,11 +138,6 @@ def _pipeline(record: dict[str, Any], job: _Job, report: ReplayReport) -> Pipeli
         pipe = job.pipelines[name]
         if pipe.model_hash == record["model_hash"]:
             report.add("model", True, f"{pipe.name}, hash {pipe.model_hash}")
-            if hasattr(pipe.codec, "tile"):  # a latent model decodes as the record did (tiled or whole)
-                pipe.codec.tile = record.get("vae_tile", 0)
-            # the recorded arithmetic: records from before the fast path sampled fp32, contiguous, uncompiled
-            pipe.set_fast_path(record.get("precision", "fp32"), channels_last=record.get("channels_last", False),
-                               compile=record.get("compile", False))
             return pipe
         others.append(f"the model {pipe.name} has hash {pipe.model_hash}")
     if not others:
@@ -172,6 +167,9 @@ def _regenerate(record: dict[str, Any], job: _Job, report: ReplayReport) -> Imag
     report.add("software", True, "same as the record (bit-exact expected)" if report.expect_exact else
                f"differs ({', '.join(differ)}); pixels are compared within a tolerance")
     settings = _settings(record)
+    # the recorded arithmetic: records from before the fast path sampled fp32, contiguous, uncompiled
+    fast_path = {"precision": record.get("precision", "fp32"), "channels_last": record.get("channels_last", False),
+                 "compile": record.get("compile", False)}
     sigmas = settings.sigmas(pipe.model).tolist()
     same_sigmas = sigmas == record["sigmas"]
     worst = max((abs(a - b) for a, b in zip(sigmas, record["sigmas"])), default=float("inf")) if len(sigmas) == len(record["sigmas"]) else None
@@ -184,10 +182,14 @@ def _regenerate(record: dict[str, Any], job: _Job, report: ReplayReport) -> Imag
     interval = f" where {settings.cfg_interval[0]:g} < sigma <= {settings.cfg_interval[1]:g}" if settings.cfg_interval else ""
     report.add("settings", True, f"{kind}: {settings.sampler}, {settings.steps} steps, {settings.schedule}, cfg {settings.cfg:g}"
                                  f"{interval}{corrections}, seed {record['seed']}, {record['width']}x{record['height']}, "
-                                 f"{pipe.model.precision}{', channels_last' if pipe.model.channels_last else ''}"
-                                 f"{', compiled' if pipe.model.compiled else ''}")
+                                 f"{fast_path['precision']}{', channels_last' if fast_path['channels_last'] else ''}"
+                                 f"{', compiled' if fast_path['compile'] else ''}")
     source = None if kind == "generate" else _input_for(pipe, record, job, report)  # may replay a chain on this pipe
     mask = _mask_for(record, job, report) if kind == "inpaint" else None
+    # this record's own way of running, set after its input's replay (which shares the pipeline)
+    if hasattr(pipe.codec, "tile"):  # a latent model decodes as the record did (tiled or whole)
+        pipe.codec.tile = record.get("vae_tile", 0)
+    pipe.set_fast_path(**fast_path)
     pipe.watermark = bool((record.get("watermark") or {}).get("applied", False))
     pipe.prompt_filter = pipe.image_check = None  # replay makes nothing new (module docstring)
     return REPLAYERS[kind](pipe, record, settings, source, mask)

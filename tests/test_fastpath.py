@@ -142,6 +142,16 @@ def test_records_without_the_field_replay_as_fp32(text_model, tmp_path):
         assert report.exact == exact and report.matched == exact
 
 
+def test_an_edit_chain_replays_each_record_with_its_own_fast_path(text_model, tmp_path):
+    """The input (fp32, contiguous) is regenerated on the same pipeline as the edit (bf16, channels_last):
+    each record's settings apply to its own step."""
+    [g] = Pipeline.load(text_model, precision="fp32", channels_last=False)(CAPTIONS[0], seeds=[2], settings=SETTINGS)
+    source = g.save(tmp_path / "in.png")
+    [e] = Pipeline.load(text_model, precision="bf16").img2img(source, CAPTIONS[1], strength=0.6, seeds=[4], settings=SETTINGS)
+    report = replay(e.save(tmp_path / "edit.png"), model=str(text_model))
+    assert report.exact and report.matched
+
+
 # ---------------------------------------------------------------- channels_last
 
 def test_channels_last_images_match_contiguous_ones(text_model):
