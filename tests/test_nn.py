@@ -340,3 +340,35 @@ def test_input_dtype_follows_the_network(kind):
         out_bf16 = model.to(torch.bfloat16)(x, c_noise, cond)
     assert out_bf16.dtype == torch.bfloat16
     assert (out_bf16.float() - ref).abs().mean() < 0.05 * ref.abs().mean()
+
+
+def test_spatial_self_attention_starts_as_identity_and_matches_a_hand_computation():
+    from diffuse.nn.layers import SpatialSelfAttention, init_weights
+
+    torch.manual_seed(0)
+    block = SpatialSelfAttention(8, heads=2, groups=4)
+    init_weights(block)
+    x = torch.randn(2, 8, 3, 5)
+    assert torch.equal(block(x), x)  # zero-initialized output projection
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    h = block.group_norm(x).flatten(2).transpose(1, 2)  # [B, 15, 8]
+    q, k, v = (lin(h).view(2, 15, 2, 4).transpose(1, 2) for lin in (block.to_q, block.to_k, block.to_v))
+    att = torch.softmax(q @ k.transpose(-1, -2) / 2.0, dim=-1) @ v  # scale 1/sqrt(4)
+    out = block.to_out[0](att.transpose(1, 2).reshape(2, 15, 8)).transpose(1, 2).reshape(2, 8, 3, 5)
+    torch.testing.assert_close(block(x), x + out, rtol=1e-5, atol=1e-5)
+    block.rescale = 2.0
+    torch.testing.assert_close(block(x), (x + out) / 2, rtol=1e-5, atol=1e-5)
+
+
+def test_downsample_padding_zero_pads_right_and_bottom_only():
+    from diffuse.nn.layers import Downsample
+
+    torch.manual_seed(0)
+    down = Downsample(3, padding=0)
+    x = torch.randn(1, 3, 8, 8)
+    expected = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (0, 1, 0, 1)), down.conv.weight, down.conv.bias, stride=2)
+    assert down(x).shape == (1, 3, 4, 4)
+    torch.testing.assert_close(down(x), expected)
+    with pytest.raises(ValueError, match="padding must be 0"):
+        Downsample(3, padding=2)

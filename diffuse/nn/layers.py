@@ -204,6 +204,32 @@ class Attention(nn.Module):
         return self.to_out[1](self.to_out[0](out))  # [B, N, query_dim]
 
 
+class SpatialSelfAttention(Attention):
+    """Self-attention on a feature map with its own GroupNorm and residual (Ho et al. 2020's attention
+    block; the latent-diffusion autoencoder's mid block; diffusers' ``Attention`` with ``group_norm``).
+
+    x [B, C, H, W] -> GroupNorm -> tokens [B, HW, C] -> attention (qkv with bias) -> + x, divided by
+    ``rescale``. The output projection is zero-initialized, so a fresh block is the identity (rescale 1).
+    """
+
+    def __init__(self, channels: int, heads: int, groups: int = 32, eps: float = 1e-6, rescale: float = 1.0,
+                 dropout: float = 0.0):
+        if channels % heads:
+            raise ValueError(f"{channels} channels cannot be split into {heads} attention heads")
+        super().__init__(channels, heads, channels // heads, qkv_bias=True, dropout=dropout)
+        self.group_norm = group_norm(channels, groups, eps=eps)
+        self.rescale = rescale
+        zero_init(self.to_out[0])
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if context is not None or mask is not None:
+            raise ValueError("SpatialSelfAttention is self-attention only; it takes no context or mask")
+        B, C, H, W = x.shape
+        h = self.group_norm(x).flatten(2).transpose(1, 2)  # [B, HW, C]
+        h = super().forward(h).transpose(1, 2).reshape(B, C, H, W)  # [B, C, H, W]
+        return (x + h) / self.rescale
+
+
 class GEGLU(nn.Module):
     """GELU-gated linear unit (Shazeer 2020): [.., dim] -> [.., dim_out]."""
 
@@ -251,13 +277,22 @@ class FeedForward(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Strided 3x3 conv: [B, C, H, W] -> [B, C, H/2, W/2]."""
+    """Strided 3x3 conv: [B, C, H, W] -> [B, C, H/2, W/2].
 
-    def __init__(self, channels: int):
+    ``padding=1`` pads every side by one; ``padding=0`` pads only the right and bottom by one
+    (the latent-diffusion autoencoder's and diffusers' ``Downsample2D(padding=0)`` layout).
+    """
+
+    def __init__(self, channels: int, padding: int = 1):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        if padding not in (0, 1):
+            raise ValueError(f"Downsample padding must be 0 (right/bottom) or 1 (all sides), got {padding}")
+        self.padding = padding
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.padding == 0:
+            x = F.pad(x, (0, 1, 0, 1))
         return self.conv(x)  # [B, C, H/2, W/2]
 
 
@@ -283,18 +318,19 @@ class ResBlock(nn.Module):
     """
 
     def __init__(self, in_channels: int, out_channels: int, emb_dim: int = 0, groups: int = 32,
-                 dropout: float = 0.0, time_embedding: str = "scale_shift"):
+                 dropout: float = 0.0, time_embedding: str = "scale_shift", eps: float = 1e-5, rescale: float = 1.0):
         super().__init__()
         if time_embedding not in ("scale_shift", "add"):
             raise ValueError(f"unknown time_embedding {time_embedding!r}; use 'scale_shift' or 'add'")
         self.time_embedding = time_embedding
-        self.norm1 = group_norm(in_channels, groups)
+        self.rescale = rescale  # the sum (skip + h) is divided by it (diffusers' output_scale_factor)
+        self.norm1 = group_norm(in_channels, groups, eps)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.time_emb_proj = None
         if emb_dim:
             width = 2 * out_channels if time_embedding == "scale_shift" else out_channels
             self.time_emb_proj = nn.Linear(emb_dim, width)
-        self.norm2 = group_norm(out_channels, groups)
+        self.norm2 = group_norm(out_channels, groups, eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = zero_init(nn.Conv2d(out_channels, out_channels, 3, padding=1))
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
@@ -314,6 +350,8 @@ class ResBlock(nn.Module):
             h = self.norm2(h)
         h = self.conv2(self.dropout(F.silu(h)))
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)  # [B, C_out, H, W]
+        if self.rescale != 1.0:
+            return (skip + h) / self.rescale
         return skip + h
 
 
