@@ -117,8 +117,8 @@ def save_model_dir(out: Path, config: dict[str, Any], weights: dict[str, torch.T
     return out
 
 
-def load_model_dir(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Read a model folder's config and weights (float tensors come back as stored)."""
+def load_model_config(path: Path) -> dict[str, Any]:
+    """A model folder's config.json, its format version checked."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"model folder {path} does not exist")
@@ -126,7 +126,21 @@ def load_model_dir(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]
     version = config.get("format_version")
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{path}/config.json has format_version {version!r}; this diffuse reads version {FORMAT_VERSION}")
-    return config, read_tensors(path / "model.safetensors")
+    return config
+
+
+def weights_file(path: Path) -> Path:
+    """A model folder's ``model.safetensors``, with a clear error when it is missing."""
+    file = Path(path) / "model.safetensors"
+    if not file.is_file():
+        raise CheckpointError(f"{file} does not exist")
+    return file
+
+
+def load_model_dir(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Read a model folder's config and weights (float tensors come back as stored)."""
+    config = load_model_config(path)
+    return config, read_tensors(weights_file(path))
 
 
 # ---------------------------------------------------------------- training checkpoints

@@ -25,7 +25,8 @@ class ModelConfig:
 
     backbone: str = "unet"  # unet | dit
     backbone_config: dict[str, Any] = field(default_factory=dict)  # checked by diffuse.nn.build_backbone
-    precond: str = "edm"  # edm | eps | x0 | v | flow
+    precond: str = "edm"  # edm | eps | x0 | v | flow | discrete (a DDPM-table model: see noise_table)
+    noise_table: dict[str, Any] = field(default_factory=dict)  # discrete only: diffuse.schedules.table_betas
     sigma_data: float = 0.5
     sigma_min: float = 0.002
     sigma_max: float = 80.0

@@ -29,8 +29,8 @@ class DiffusionModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         backbone = build_backbone(cfg.backbone, cfg.backbone_config)
-        self.denoiser = make_precond(cfg.precond, backbone, sigma_data=cfg.sigma_data, sigma_min=cfg.sigma_min,
-                                     sigma_max=cfg.sigma_max)
+        self.denoiser = make_precond(cfg.precond, backbone, noise_table=cfg.noise_table, sigma_data=cfg.sigma_data,
+                                     sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max)
         self.text_encoder = build_text_encoder(cfg.text_encoder, cfg.text_config) if cfg.conditioning == "text" else None
         self.precision = "fp32"  # sampling: fp32, or bf16 (the backbone under autocast); see set_fast_path
         self.channels_last = False
@@ -39,11 +39,11 @@ class DiffusionModel(nn.Module):
 
     @property
     def sigma_min(self) -> float:
-        return self.cfg.sigma_min
+        return self.denoiser.sigma_min  # the config's, or a discrete model's table's
 
     @property
     def sigma_max(self) -> float:
-        return self.cfg.sigma_max
+        return self.denoiser.sigma_max
 
     def size_factor(self) -> Optional[int]:
         """Sizes this backbone can make besides its native one are multiples of this (None: native only)."""
@@ -128,18 +128,44 @@ class DiffusionModel(nn.Module):
                                          overwrite=overwrite, dtype=dtype)
 
     @classmethod
-    def load(cls, path: Path) -> tuple["DiffusionModel", dict[str, Any]]:
-        """Rebuild a model from its folder; returns the model (eval mode, float32) and its full config dict."""
-        config, weights = checkpoint.load_model_dir(Path(path))
+    def load(cls, path: Path, backbone_dtype: torch.dtype = torch.float32) -> tuple["DiffusionModel", dict[str, Any]]:
+        """Rebuild a model from its folder; returns the model (eval mode) and its full config dict.
+
+        Weights are read lazily from ``model.safetensors`` straight into the modules (the network is
+        built on the meta device and nothing is initialized first), so a model costs its own size in
+        memory once. The backbone's floating-point weights are ``backbone_dtype`` (float32, or bfloat16 to
+        halve the memory of a large U-Net; such a model samples in bf16); everything else is float32.
+        """
+        from .convert.io import open_weights
+
+        path = Path(path)
+        config = checkpoint.load_model_config(path)
         try:
             cfg = ModelConfig(**config["model"])
         except (KeyError, TypeError) as e:
             raise checkpoint.CheckpointError(f"{path}/config.json does not describe a diffuse model ({e})") from None
-        model = cls(cfg)
-        weights = {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}
-        missing, unexpected = model.load_state_dict(weights, strict=False)
+        if backbone_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"a backbone loads in float32 or bfloat16, not {backbone_dtype}")
+        weights = open_weights(checkpoint.weights_file(path))
+        with torch.device("meta"):
+            model = cls(cfg)
+        state = {k: weights[k].to(backbone_dtype if k.startswith("denoiser.backbone.") else torch.float32)
+                 if weights[k].is_floating_point() else weights[k] for k in weights}
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
         if missing or unexpected:
             raise checkpoint.CheckpointError(
                 f"{path}/model.safetensors does not match its config: {len(missing)} missing and "
                 f"{len(unexpected)} unexpected tensors (e.g. {(missing or unexpected)[0]!r})")
+        model.materialize_buffers()
         return model.eval(), config
+
+    def materialize_buffers(self) -> None:
+        """Recompute the buffers that are not stored in a model folder (left on the meta device by
+        :meth:`load`) from a freshly built twin on the CPU: they depend on the config alone."""
+        left = {name for name, b in self.named_buffers() if b.is_meta}
+        if not left:
+            return
+        fresh = dict(type(self)(self.cfg).named_buffers())
+        for name in left:
+            owner, _, attr = name.rpartition(".")
+            self.get_submodule(owner).register_buffer(attr, fresh[name], persistent=False)

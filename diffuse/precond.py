@@ -16,7 +16,7 @@ written here in the variance-exploding sigma space. The arithmetic around F is f
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Optional, Protocol
 
 import torch
 from torch import nn
@@ -210,10 +210,18 @@ PRECONDS: dict[str, type[Precond]] = {
 }
 
 
-def make_precond(name: str, backbone: nn.Module, **kwargs: float) -> Precond:
-    """Build a continuous-sigma preconditioner by name (edm, eps, x0, v, flow)."""
+def make_precond(name: str, backbone: nn.Module, noise_table: Optional[dict] = None, **kwargs: float) -> Precond:
+    """Build a preconditioner by name: continuous sigma (edm, eps, x0, v, flow; ``kwargs`` = sigma_data,
+    sigma_min, sigma_max) or ``discrete``, a DDPM-table model described by ``noise_table``
+    (:func:`diffuse.schedules.table_betas`; its sigma range is the table's)."""
+    if name == "discrete":
+        if not noise_table:
+            raise ValueError("a discrete model needs model.noise_table (its DDPM beta table and prediction type)")
+        return DiscreteVPDenoiser(backbone, schedules.table_betas(noise_table), prediction=noise_table["prediction"])
+    if noise_table:
+        raise ValueError(f"model.noise_table is only for precond 'discrete', not {name!r}")
     if name not in PRECONDS:
-        raise ValueError(f"unknown parameterization {name!r}; known: {', '.join(sorted(PRECONDS))}")
+        raise ValueError(f"unknown parameterization {name!r}; known: {', '.join(sorted(PRECONDS))}, discrete")
     return PRECONDS[name](backbone, **kwargs)
 
 

@@ -211,6 +211,30 @@ BETA_TABLES: dict[str, Callable[..., torch.Tensor]] = {
 }
 
 
+NOISE_TABLE_KEYS = ("num_timesteps", "beta_schedule", "beta_start", "beta_end", "zero_terminal_snr", "prediction")
+PREDICTIONS = ("eps", "v", "x0")
+
+
+def table_betas(table: dict) -> torch.Tensor:
+    """The betas [T] (float64) of a discrete model's noise table, a plain dict as stored in a model folder:
+    ``num_timesteps``, ``beta_schedule`` (one of :data:`BETA_TABLES`), ``beta_start``/``beta_end`` (linear
+    tables only), ``zero_terminal_snr`` (rescale, Lin et al. 2023) and ``prediction`` (eps | v | x0, what
+    the network outputs; checked here, used by :class:`~diffuse.precond.DiscreteVPDenoiser`)."""
+    unknown = sorted(set(table) - set(NOISE_TABLE_KEYS))
+    if unknown:
+        raise ValueError(f"unknown noise_table key {unknown[0]!r}; known keys: {', '.join(NOISE_TABLE_KEYS)}")
+    schedule = table.get("beta_schedule")
+    if schedule not in BETA_TABLES:
+        raise ValueError(f"noise_table.beta_schedule {schedule!r} is not one of: {', '.join(BETA_TABLES)}")
+    if table.get("prediction") not in PREDICTIONS:
+        raise ValueError(f"noise_table.prediction {table.get('prediction')!r} is not one of: {', '.join(PREDICTIONS)}")
+    options = {k: float(table[k]) for k in ("beta_start", "beta_end") if k in table}
+    if schedule == "cosine" and options:
+        raise ValueError("noise_table: a cosine table has no beta_start/beta_end; remove them")
+    betas = BETA_TABLES[schedule](int(table.get("num_timesteps", 1000)), **options)
+    return rescale_zero_terminal_snr(betas) if table.get("zero_terminal_snr", False) else betas
+
+
 def alphas_cumprod(betas: torch.Tensor) -> torch.Tensor:
     """abar_t = prod_{s <= t} (1 - beta_s)."""
     return torch.cumprod(1 - betas.to(torch.float64), 0)
