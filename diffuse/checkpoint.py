@@ -104,6 +104,11 @@ def save_model_dir(out: Path, config: dict[str, Any], weights: dict[str, torch.T
         weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
     write_tensors(tmp / "model.safetensors", weights, metadata={"format": "pt"})
     write_json(tmp / "config.json", {"format_version": FORMAT_VERSION, **config})
+    return replace_dir(tmp, out)
+
+
+def replace_dir(tmp: Path, out: Path) -> Path:
+    """Move the complete folder ``tmp`` to ``out``; an existing ``out`` is removed only after the move."""
     fsync_dir(tmp)
     if out.exists():
         old = out.with_name(out.name + ".old" + TMP_SUFFIX)

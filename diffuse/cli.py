@@ -20,6 +20,10 @@ if TYPE_CHECKING:
 EXAMPLES = {
     "train": "diffuse train --preset tiny --out runs/tiny\n  diffuse train --preset shapes-t2i --out runs/shapes --set train.lr=2e-4 --max-steps 5000\n  diffuse train --out runs/shapes --resume",
     "export": "diffuse export runs/shapes --out models/my-shapes",
+    "convert": "diffuse convert stable-diffusion-v1-5/ --out models/sd15 --dtype bfloat16\n"
+               "  diffuse convert v1-5-pruned-emaonly.safetensors --out models/sd15\n"
+               "  diffuse convert v2-1_768-ema-pruned.safetensors --prediction v --out models/sd21\n"
+               "  diffuse convert models/sd15 --to diffusers --out sd15-diffusers/",
     "generate": 'diffuse generate "a red circle above a blue square" --seed 0-7 --out out/',
     "edit": 'diffuse edit inpaint --image in.png --mask mask.png --prompt "a green triangle" --seed 0-3 --out out/',
     "img2img": 'diffuse edit img2img --image in.png --prompt "a red circle above a blue square" --strength 0.6 --out out/',
@@ -98,6 +102,20 @@ def cmd_export(args: argparse.Namespace) -> int:
     SampleSettings(**sampling)  # checks the values
     out = export_run(Path(args.run_dir), Path(args.out), overwrite=args.overwrite, dtype=args.dtype, sampling=sampling)
     print(f"wrote model folder {out}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .convert.build import convert, export_diffusers
+
+    if args.to == "diffusers":
+        if args.prediction or args.dtype != "float32":
+            raise ValueError("--prediction and --dtype are for importing; --to diffusers writes the model's own weights")
+        out = export_diffusers(Path(args.src), Path(args.out), overwrite=args.overwrite)
+        print(f"wrote diffusers pipeline folder {out} (load it with DiffusionPipeline.from_pretrained)")
+        return 0
+    out = convert(Path(args.src), Path(args.out), dtype=args.dtype, prediction=args.prediction, overwrite=args.overwrite)
+    print(f"wrote model folder {out}; try: diffuse generate \"a photo of a cat\" --model {out}")
     return 0
 
 
@@ -468,7 +486,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "train": cmd_train, "export": cmd_export, "generate": cmd_generate, "edit": cmd_edit, "info": cmd_info, "eval": cmd_eval, "presets": cmd_presets, "samplers": cmd_samplers,
     "serve": cmd_serve,
     "replay": cmd_replay, "verify": cmd_verify, "keys": cmd_keys,
-    "train-vae": cmd_train_vae,
+    "train-vae": cmd_train_vae, "convert": cmd_convert,
 }
 
 
@@ -578,6 +596,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg", type=float, help="the model's default guidance scale (default: 1, off)")
     _cfg_interval_flag(p, "the model's default (default: none)")
     p.add_argument("--schedule", help="the model's default sigma schedule (default: karras)")
+
+    p = _subparser(subs, "convert", "Import a diffusers pipeline folder or a Stable Diffusion 1.x/2.x .safetensors file as a "
+                   "model folder, or export a converted model folder to diffusers (--to diffusers). Only safetensors are "
+                   "read; pickle files (.ckpt/.pt/.bin) are refused, whatever their name.")
+    p.add_argument("src", help="diffusers pipeline folder (with model_index.json), single-file .safetensors, or (with "
+                   "--to diffusers) a model folder")
+    p.add_argument("--out", required=True, help="folder to create")
+    p.add_argument("--to", choices=["diffuse", "diffusers"], default="diffuse", help="what to write")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="storage dtype of the converted weights (bfloat16 halves the size)")
+    p.add_argument("--prediction", choices=["eps", "v"],
+                   help="what an SD 2.x single file predicts (512-base: eps, 768-v: v); SD 1.x files are eps")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
 
     p = _subparser(subs, "generate", "Generate images from a prompt (text models) or a class label (class models).")
     p.add_argument("prompt", nargs="?", help="what to draw, e.g. \"a red circle above a blue square\"")
