@@ -13,7 +13,7 @@ import dataclasses
 from typing import Annotated, Any, Iterator, Literal, Optional, Union
 
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
 
 from . import edit
 from .jobs import EditParams, GenerateParams, Upload, UploadTooLarge
@@ -73,6 +73,20 @@ class JobFields(BaseModel):
     steps: Optional[int] = Field(None, ge=1, le=1000)
     schedule: Optional[ScheduleName] = None  # type: ignore[valid-type]
     cfg: Optional[float] = Field(None, ge=0, le=50, description="classifier-free guidance scale (1 = off)")
+    cfg_interval: Optional[Union[Literal["none"], tuple[float, float]]] = Field(
+        None, union_mode="left_to_right", description="[lo, hi]: guide only where lo < sigma <= hi, skipping the unconditional branch elsewhere; "
+                          "\"none\": guide every step; default: the model's")
+
+    @field_validator("cfg_interval", mode="before")
+    @classmethod
+    def _interval(cls, value: Any) -> Any:
+        """One clear message instead of one per union branch."""
+        if value is None or value == "none":
+            return value
+        if (not isinstance(value, (list, tuple)) or len(value) != 2
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+            raise ValueError('give [lo, hi] (two sigmas) or "none"')
+        return tuple(float(v) for v in value)
 
     def checked(self, pipes: dict[str, Pipeline], limits: Limits) -> tuple[str, Pipeline, SampleSettings]:
         """(model name, pipeline, sampling settings), checked against the model (FieldError naming the field otherwise)."""
@@ -99,7 +113,10 @@ class JobFields(BaseModel):
                 raise FieldError("class_label", f"model {name} needs a class_label in 0..{pipe.model.cfg.num_classes - 1}")
         given = {k: v for k, v in (("sampler", self.sampler), ("steps", self.steps), ("schedule", self.schedule),
                                    ("cfg", self.cfg)) if v is not None}
-        settings = dataclasses.replace(pipe.defaults, **given)
+        if self.cfg_interval is not None:
+            given["cfg_interval"] = None if self.cfg_interval == "none" else tuple(self.cfg_interval)
+        with field_errors("cfg_interval" if "cfg_interval" in given else "cfg"):
+            settings = dataclasses.replace(pipe.defaults, **given)
         if settings.cfg != 1 and conditioning == "none":
             raise FieldError("cfg", f"model {name} is unconditional; guidance needs cfg = 1")
         return name, pipe, settings

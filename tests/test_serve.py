@@ -126,6 +126,21 @@ def test_a_latent_models_preview_is_its_decoded_estimate_at_the_output_size(tmp_
     assert np.abs(preview.astype(int) - final).max() <= 1
 
 
+def test_a_jobs_cfg_interval_gives_the_pipelines_image_and_none_guides_every_step(pipe):
+    pixels = []
+    with client_for(pipe) as client:
+        for interval, expected_interval in (([0.5, 10.0], (0.5, 10.0)), ("none", None)):
+            body = {"prompt": CAPTIONS[0], "seed": 3, "sampler": "euler", "steps": 3, "cfg_interval": interval}
+            events, job = wait_done(client, client.post("/v1/jobs", json=body).json()["id"])
+            assert job["status"] == "done"
+            settings = SampleSettings(sampler="euler", steps=3, cfg=2.0, cfg_interval=expected_interval)
+            (want,) = pipe.generate_batch([3], prompts=[CAPTIONS[0]], settings=settings)
+            pixels.append(png_pixels(client.get(job["images"][0]["url"]).content))
+            np.testing.assert_array_equal(pixels[-1], np.asarray(want.image))
+            assert job["images"][0]["record"]["cfg_interval"] == json.loads(json.dumps(want.record))["cfg_interval"]
+    assert not np.array_equal(*pixels)  # the interval changed the image: the field reached the sampler
+
+
 def test_same_settings_are_batched_and_stay_deterministic(pipe, monkeypatch):
     gate = Gate(monkeypatch, pipe, "generate_batch")
     with client_for(pipe, max_batch=8) as client:
@@ -218,6 +233,8 @@ def test_finished_jobs_are_evicted_past_the_limit(pipe):
     ({"prompt": CAPTIONS[0], "steps": "many"}, "steps", "integer"),
     ({"prompt": CAPTIONS[0], "sampler": "magic"}, "sampler", "euler"),
     ({"prompt": CAPTIONS[0], "cfg": 99}, "cfg", "less than or equal to 50"),
+    ({"prompt": CAPTIONS[0], "cfg_interval": [5.0, 1.0]}, "cfg_interval", "5"),
+    ({"prompt": CAPTIONS[0], "cfg_interval": [1.0]}, "cfg_interval", 'give [lo, hi] (two sigmas) or "none"'),
     ({"prompt": CAPTIONS[0], "batch": 9}, "batch", "--max-batch 8"),
     ({"prompt": CAPTIONS[0], "size": 17}, "size", "cannot make 17x17"),
     ({"prompt": "a purple dragon"}, "prompt", "purple, dragon"),
@@ -297,7 +314,8 @@ def test_openapi_schema_matches_the_routes(pipe):
     kinds = {"GenerateRequest": "generate", "Img2ImgRequest": "img2img", "InpaintRequest": "inpaint"}
     assert body["oneOf"] == [{"$ref": f"#/components/schemas/{name}"} for name in kinds]
     schemas = schema["components"]["schemas"]
-    common = {"kind", "model", "prompt", "negative_prompt", "class_label", "seed", "batch", "sampler", "steps", "schedule", "cfg"}
+    common = {"kind", "model", "prompt", "negative_prompt", "class_label", "seed", "batch", "sampler", "steps", "schedule", "cfg",
+              "cfg_interval"}
     fields = {"GenerateRequest": {"size"}, "Img2ImgRequest": {"image", "resize", "strength"},
               "InpaintRequest": {"image", "resize", "mask", "strength", "feather", "jumps", "jump_length", "binarize"}}
     for name, kind in kinds.items():
