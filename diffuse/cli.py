@@ -367,7 +367,8 @@ def _adherence_of_model(args: argparse.Namespace) -> dict:
         print(f"best guidance scale: {best.settings.cfg:g} (overall {o.accuracy:.3f} [{o.low:.3f}, {o.high:.3f}])")
         result["best_cfg"] = best.settings.cfg
     else:
-        print(f"cfg {settings.cfg:g}")
+        interval = f", guidance where {settings.cfg_interval[0]:g} < sigma <= {settings.cfg_interval[1]:g}" if settings.cfg_interval else ""
+        print(f"cfg {settings.cfg:g}{interval}")
         print(runs[0].report.table())
     if args.save_images:
         print(f"images and {evaluate.PROMPTS_FILE} in {args.out}")
@@ -644,6 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", help="sampler name (see `diffuse samplers`); default: the model's")
     p.add_argument("--steps", type=int, help="solver steps; default: the model's")
     p.add_argument("--cfg", type=float, help="classifier-free guidance scale; default: the model's")
+    _cfg_interval_flag(p, "default: the model's")
     p.add_argument("--schedule", help="sigma schedule; default: the model's")
     _correction_flags(p)
     p.add_argument("--guidance-sweep", metavar="W1,W2,...", help="evaluate each guidance scale on the same prompts and seeds, e.g. 1,2,3,4,6")

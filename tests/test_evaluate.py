@@ -15,6 +15,7 @@ from diffuse.adherence import evaluate as adherence_evaluate
 from diffuse.cli import main
 from diffuse.config import ModelConfig, _unet
 from diffuse.evaluate import read_prompted_folder, score_folder
+from diffuse.pipeline import Pipeline, SampleSettings
 from diffuse.shapes import COLORS, EVAL_FAMILIES, SHAPES, SIZES, eval_prompts, prompt_family, render, sample
 from diffuse.text import WordTokenizer
 
@@ -191,6 +192,17 @@ def test_generation_run_report_seeds_images_and_rescoring(text_model: Path, tmp_
         assert np.array_equal(np.asarray(Image.open(out / "cfg-2" / name)), np.asarray(Image.open(tmp_path / "again" / name)))
     assert _eval("--model", str(text_model), "--n-per-family", "2", "--cfg", "2", "--save-images", "--out",
                  str(tmp_path / "again"), "--quiet") == 2  # refuses to overwrite before generating
+
+    # --cfg-interval reaches the sampler and the report: the images are the pipeline's with that interval
+    assert _eval("--model", str(text_model), "--n-per-family", "2", "--cfg", "2", "--cfg-interval", "0.5,10", "--seed-base",
+                 "100", "--save-images", "--out", str(tmp_path / "interval"), "--json", str(tmp_path / "i.json"), "--quiet") == 0
+    assert json.loads((tmp_path / "i.json").read_text())["runs"][0]["settings"]["cfg_interval"] == [0.5, 10.0]
+    pipe = Pipeline.load(text_model)
+    (want,) = pipe.generate_batch([100], prompts=[prompts[0]], settings=SampleSettings(sampler="dpmpp_2m", steps=3, cfg=2.0,
+                                                                                       cfg_interval=(0.5, 10.0)))
+    interval_image = np.asarray(Image.open(tmp_path / "interval" / names[0]))
+    assert np.array_equal(interval_image, np.asarray(want.image))
+    assert not np.array_equal(interval_image, np.asarray(Image.open(out / "cfg-2" / names[0])))
     assert _eval("--images", str(out / "cfg-2"), "--json", str(tmp_path / "folder.json")) == 0
     rescored = {it["file"]: it for it in json.loads((tmp_path / "folder.json").read_text())["runs"][0]["items"]}
     for name, item in zip(names, result["runs"][1]["items"]):
