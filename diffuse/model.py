@@ -57,6 +57,8 @@ class DiffusionModel(nn.Module):
         torch.compile (compiled on the first call, cached on disk)."""
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"a model runs in fp32 or bf16, got {precision!r} (resolve 'auto' first)")
+        if precision == "fp32":  # a backbone kept in bf16 by load(keep_bf16=True) computes in float32 from now on
+            self.denoiser.backbone.float()
         self.precision, self.channels_last, self.compiled = precision, bool(channels_last), bool(compile)
         self.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)  # 4-d weights only
 
@@ -128,13 +130,14 @@ class DiffusionModel(nn.Module):
                                          overwrite=overwrite, dtype=dtype)
 
     @classmethod
-    def load(cls, path: Path, backbone_dtype: torch.dtype = torch.float32) -> tuple["DiffusionModel", dict[str, Any]]:
+    def load(cls, path: Path, keep_bf16: bool = False) -> tuple["DiffusionModel", dict[str, Any]]:
         """Rebuild a model from its folder; returns the model (eval mode) and its full config dict.
 
         Weights are read lazily from ``model.safetensors`` straight into the modules (the network is
         built on the meta device and nothing is initialized first), so a model costs its own size in
-        memory once. The backbone's floating-point weights are ``backbone_dtype`` (float32, or bfloat16 to
-        halve the memory of a large U-Net; such a model samples in bf16); everything else is float32.
+        memory once. Weights are float32, except that with ``keep_bf16`` a backbone stored in bfloat16
+        stays bfloat16: half the memory, and the same outputs at bf16 precision (autocast would round its
+        float32 copy to the same bf16 values; :meth:`set_fast_path` upcasts it for fp32).
         """
         from .convert.io import open_weights
 
@@ -144,13 +147,15 @@ class DiffusionModel(nn.Module):
             cfg = ModelConfig(**config["model"])
         except (KeyError, TypeError) as e:
             raise checkpoint.CheckpointError(f"{path}/config.json does not describe a diffuse model ({e})") from None
-        if backbone_dtype not in (torch.float32, torch.bfloat16):
-            raise ValueError(f"a backbone loads in float32 or bfloat16, not {backbone_dtype}")
         weights = open_weights(checkpoint.weights_file(path))
         with torch.device("meta"):
             model = cls(cfg)
-        state = {k: weights[k].to(backbone_dtype if k.startswith("denoiser.backbone.") else torch.float32)
-                 if weights[k].is_floating_point() else weights[k] for k in weights}
+
+        def dtype(key: str, tensor: torch.Tensor) -> torch.dtype:
+            keep = keep_bf16 and tensor.dtype == torch.bfloat16 and key.startswith("denoiser.backbone.")
+            return torch.bfloat16 if keep else torch.float32
+
+        state = {k: (t.to(dtype(k, t)) if t.is_floating_point() else t) for k, t in ((k, weights[k]) for k in weights)}
         missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
         if missing or unexpected:
             raise checkpoint.CheckpointError(

@@ -63,9 +63,11 @@ def test_auto_precision_on_cuda_asks_torch(monkeypatch, supported, expected):
 
 
 def test_cpu_flags_include_what_torch_reports(monkeypatch):
-    monkeypatch.setattr(torch._C._cpu, "_get_cpu_capability", lambda: {"amx_bf16": True, "avx512_bf16": False, "cpu_name": "x"})
+    # made-up names, so that /proc/cpuinfo (added to the flags) cannot decide the outcome on any CPU
+    reported = {"diffuse_true_feature": True, "diffuse_false_feature": False, "cpu_name": "x"}
+    monkeypatch.setattr(torch._C._cpu, "_get_cpu_capability", lambda: reported)
     flags = fastpath.cpu_flags()
-    assert "amx_bf16" in flags and "avx512_bf16" not in flags and "cpu_name" not in flags
+    assert "diffuse_true_feature" in flags and "diffuse_false_feature" not in flags and "cpu_name" not in flags
 
 
 def test_inductor_cache_dir(monkeypatch, tmp_path):
@@ -94,6 +96,26 @@ def test_auto_resolving_to_bf16_samples_in_bf16(text_model, monkeypatch):
     bf16 = Pipeline.load(text_model, precision="bf16")
     a, b = auto(CAPTIONS[1], seeds=[5], settings=SETTINGS), bf16(CAPTIONS[1], seeds=[5], settings=SETTINGS)
     assert np.array_equal(pixels(a), pixels(b)) and a[0].record["precision"] == "bf16"
+
+
+def test_a_bf16_stored_backbone_stays_bf16_for_bf16_sampling_with_the_same_images(text_model, tmp_path):
+    from diffuse.model import DiffusionModel
+
+    model, config = DiffusionModel.load(text_model)
+    stored = model.save(tmp_path / "bf16", extra={k: v for k, v in config.items() if k != "model"}, dtype=torch.bfloat16)
+    kept = Pipeline.load(stored, precision="bf16")
+    backbone = {p.dtype for p in kept.model.denoiser.backbone.parameters()}
+    assert backbone == {torch.bfloat16} and {p.dtype for p in kept.model.text_encoder.parameters()} == {torch.float32}
+    upcast, _ = DiffusionModel.load(stored)  # float32 copies of the same bf16 values
+    assert {p.dtype for p in upcast.parameters()} == {torch.float32}
+    reference = Pipeline(upcast, kept.name, kept.model_hash, config.get("sampling"))
+    reference.set_fast_path("bf16")
+    a, b = kept(CAPTIONS[1], seeds="0-3", settings=SETTINGS), reference(CAPTIONS[1], seeds="0-3", settings=SETTINGS)
+    assert np.array_equal(pixels(a), pixels(b))
+    kept.set_fast_path("fp32")  # fp32 sampling upcasts the kept backbone: the fp32 images of the upcast model
+    reference.set_fast_path("fp32")
+    assert {p.dtype for p in kept.model.parameters()} == {torch.float32}
+    assert np.array_equal(pixels(kept(CAPTIONS[1], seeds=[0], settings=SETTINGS)), pixels(reference(CAPTIONS[1], seeds=[0], settings=SETTINGS)))
 
 
 def test_bf16_images_are_within_the_stated_tolerance_of_fp32(text_model):
@@ -157,7 +179,9 @@ def test_an_edit_chain_replays_each_record_with_its_own_fast_path(text_model, tm
 def test_channels_last_images_match_contiguous_ones(text_model):
     """NHWC convolutions round differently (measured: at most 9e-7 per denoiser call on the tiny model,
     4e-6 on shapes) but gave the same 8-bit images on the tiny, digits and shapes models."""
-    plain, fast = Pipeline.load(text_model, channels_last=False), Pipeline.load(text_model)  # channels_last by default
+    # fp32 on every CPU (auto is bf16 where bf16 is native, and bf16 NHWC kernels round differently again)
+    plain = Pipeline.load(text_model, precision="fp32", channels_last=False)
+    fast = Pipeline.load(text_model, precision="fp32")  # channels_last by default
     conv = plain.model.denoiser.backbone.conv_in.weight, fast.model.denoiser.backbone.conv_in.weight
     assert conv[0].is_contiguous() and conv[1].is_contiguous(memory_format=torch.channels_last) and not conv[1].is_contiguous()
     a, b = plain(CAPTIONS[0], seeds="0-7", settings=SETTINGS), fast(CAPTIONS[0], seeds="0-7", settings=SETTINGS)
