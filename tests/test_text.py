@@ -104,7 +104,7 @@ def test_builtin_encoder_rebuilds_from_its_config(tok):
     with pytest.raises(ValueError, match="'width'"):
         build_text_encoder("builtin", {**enc.to_dict(), "width": 3})
     with pytest.raises(ValueError, match="unknown text encoder kind"):
-        build_text_encoder("clip", {})
+        build_text_encoder("t5", {})
 
 
 def test_builtin_encoder_conditions_a_unet(tok):

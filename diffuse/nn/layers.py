@@ -174,6 +174,8 @@ class Attention(nn.Module):
 
     x [B, N, query_dim], context [B, L, context_dim] (None = self-attention),
     mask [B, L] bool key padding (True = attend) -> [B, N, query_dim].
+    ``causal=True`` lets query i attend to keys 0..i only (a left-to-right text transformer
+    such as CLIP's, Radford et al. 2021); it takes no padding mask.
     Cross-attention to text tokens follows Rombach et al. 2022 (latent diffusion), §3.3.
     """
 
@@ -187,17 +189,20 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(context_dim or query_dim, inner, bias=qkv_bias)
         self.to_out = nn.ModuleList([nn.Linear(inner, query_dim), nn.Dropout(dropout)])
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                causal: bool = False) -> torch.Tensor:
         B, N, _ = x.shape
         context = x if context is None else context
         L = context.shape[1]
         if mask is not None and mask.shape != (B, L):
             raise ValueError(f"attention mask must be [B, L] = [{B}, {L}], got {tuple(mask.shape)}")
+        if causal and mask is not None:
+            raise ValueError("causal attention takes no key padding mask")
         q = self.to_q(x).view(B, N, self.heads, self.dim_head).transpose(1, 2)  # [B, h, N, d]
         k = self.to_k(context).view(B, L, self.heads, self.dim_head).transpose(1, 2)  # [B, h, L, d]
         v = self.to_v(context).view(B, L, self.heads, self.dim_head).transpose(1, 2)  # [B, h, L, d]
         attn_mask, rows_valid = attention_mask(mask)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # [B, h, N, d]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal)  # [B, h, N, d]
         out = out.transpose(1, 2).reshape(B, N, self.heads * self.dim_head)  # [B, N, inner]
         if rows_valid is not None:
             out = out * rows_valid.to(out.dtype)
