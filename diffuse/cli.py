@@ -196,7 +196,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     existing = [p for p in paths + ([grid_path] if args.grid else []) if p.exists()]
     if existing and not args.overwrite:
         raise ValueError(f"{existing[0]} already exists; pass --overwrite to replace it or choose another --out")
-    pipe.check_prompt(args.prompt, args.negative)  # refuse bad input before the progress bar starts
+    for note in pipe.check_prompt(args.prompt, args.negative):  # refuse bad input before the progress bar starts
+        print(f"note: {note}", file=sys.stderr)
     if args.size is not None:
         pipe.check_size(args.size)
     bar = tqdm(total=len(seeds) * settings.steps, desc="generate", unit="step", disable=args.quiet)
@@ -443,9 +444,12 @@ def cmd_info(args: argparse.Namespace) -> int:
           f"{m.image_size}x{m.image_size}x{m.channels}, sigma {m.sigma_min}..{m.sigma_max}, model hash {pipe.model_hash}")
     if m.conditioning == "class":
         print(f"class-conditional: labels 0..{m.num_classes - 1}")
-    elif m.conditioning == "text":
+    elif m.conditioning == "text" and m.text_encoder == "builtin":
         words = pipe.model.text_encoder.tokenizer.vocab
         print(f"text-conditional ({m.text_encoder} encoder); vocabulary ({len(words)} words): {' '.join(words)}")
+    elif m.conditioning == "text":
+        print(f"text-conditional ({m.text_encoder} encoder): any prompt" +
+              ("; 75 tokens per window, longer prompts take several windows" if m.text_encoder == "clip" else ""))
     d = pipe.defaults
     interval = f" (guidance where {d.cfg_interval[0]:g} < sigma <= {d.cfg_interval[1]:g})" if d.cfg_interval else ""
     print(f"sampling defaults: sampler {d.sampler}, {d.steps} steps, schedule {d.schedule}, cfg {d.cfg}{interval}")

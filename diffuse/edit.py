@@ -562,7 +562,8 @@ def run_edit(args: Any) -> int:
         pipe.defaults = dataclasses.replace(pipe.defaults, sampler="heun", sampler_options={}, cfg=1.0)
     settings = _sample_settings(pipe, args)
     for prompt in [args.prompt, *getattr(args, "target_prompt", [])]:  # refuse bad prompts before the progress bar starts
-        pipe.check_prompt(prompt, args.negative)
+        for note in pipe.check_prompt(prompt, args.negative):
+            print(f"note: {note}", file=sys.stderr)
     out = _writable_folder(Path(args.out))
     stem = _slug(image.stem)
     common = dict(negative=args.negative, class_label=args.class_label, settings=settings)

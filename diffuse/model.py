@@ -25,13 +25,15 @@ from .text import build_text_encoder
 class DiffusionModel(nn.Module):
     """Denoiser D(x, sigma, cond) with its text encoder (if any) and null condition."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, root: Optional[Path] = None):
+        """``root``: the model folder, against which the config's relative paths (a CLIP tokenizer) resolve."""
         super().__init__()
         self.cfg = cfg
+        self.root = root
         backbone = build_backbone(cfg.backbone, cfg.backbone_config)
         self.denoiser = make_precond(cfg.precond, backbone, noise_table=cfg.noise_table, sigma_data=cfg.sigma_data,
                                      sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max)
-        self.text_encoder = build_text_encoder(cfg.text_encoder, cfg.text_config) if cfg.conditioning == "text" else None
+        self.text_encoder = build_text_encoder(cfg.text_encoder, cfg.text_config, root) if cfg.conditioning == "text" else None
         self.precision = "fp32"  # sampling: fp32, or bf16 (the backbone under autocast); see set_fast_path
         self.channels_last = False
         self.compiled = False
@@ -82,12 +84,13 @@ class DiffusionModel(nn.Module):
 
     # ------------------------------------------------------------ conditions
 
-    def condition(self, *, prompts: Optional[Sequence[str]] = None, labels: Optional[Sequence[int] | torch.Tensor] = None
-                  ) -> Optional[dict[str, torch.Tensor]]:
+    def condition(self, *, prompts: Optional[Sequence[str]] = None, labels: Optional[Sequence[int] | torch.Tensor] = None,
+                  windows: int = 1) -> Optional[dict[str, torch.Tensor]]:
         """The backbone's cond dict for prompts (text models) or class labels (class models).
 
         An empty prompt "" and the label ``num_classes`` are the null condition used for
-        classifier-free guidance.
+        classifier-free guidance. ``windows``: text encoded in this many windows (a CLIP encoder's long
+        prompts, :meth:`text_windows`); other encoders have one.
         """
         kind = self.cfg.conditioning
         device = next(self.parameters()).device
@@ -110,14 +113,22 @@ class DiffusionModel(nn.Module):
         if prompts is None:
             raise ValueError("this model is text-conditional; give a prompt")
         assert self.text_encoder is not None
+        if windows != 1:
+            return self.text_encoder.encode(list(prompts), windows=windows)
         return self.text_encoder.encode(list(prompts))
 
-    def null_condition(self, batch: int) -> Optional[dict[str, torch.Tensor]]:
+    def text_windows(self, *prompt_lists: Optional[Sequence[str]]) -> int:
+        """The text windows that the longest prompt of all the lists needs (1 unless a CLIP prompt is long)."""
+        if self.text_encoder is None:
+            return 1
+        return self.text_encoder.num_windows([p for prompts in prompt_lists if prompts for p in prompts])
+
+    def null_condition(self, batch: int, windows: int = 1) -> Optional[dict[str, torch.Tensor]]:
         """The unconditional condition for ``batch`` images (empty prompt / null class)."""
         if self.cfg.conditioning == "class":
             return self.condition(labels=[self.cfg.num_classes] * batch)
         if self.cfg.conditioning == "text":
-            return self.condition(prompts=[""] * batch)
+            return self.condition(prompts=[""] * batch, windows=windows)
         return None
 
     # ------------------------------------------------------------ files
@@ -149,7 +160,7 @@ class DiffusionModel(nn.Module):
             raise checkpoint.CheckpointError(f"{path}/config.json does not describe a diffuse model ({e})") from None
         weights = open_weights(checkpoint.weights_file(path))
         with torch.device("meta"):
-            model = cls(cfg)
+            model = cls(cfg, root=path)
 
         def dtype(key: str, tensor: torch.Tensor) -> torch.dtype:
             keep = keep_bf16 and tensor.dtype == torch.bfloat16 and key.startswith("denoiser.backbone.")
@@ -170,7 +181,7 @@ class DiffusionModel(nn.Module):
         left = {name for name, b in self.named_buffers() if b.is_meta}
         if not left:
             return
-        fresh = dict(type(self)(self.cfg).named_buffers())
+        fresh = dict(type(self)(self.cfg, self.root).named_buffers())
         for name in left:
             owner, _, attr = name.rpartition(".")
             self.get_submodule(owner).register_buffer(attr, fresh[name], persistent=False)

@@ -76,12 +76,15 @@ def guided_denoiser(model: DiffusionModel, settings: SampleSettings, batch: int,
                     negative: Optional[Sequence[str]] = None, labels: Optional[Sequence[int]] = None) -> tuple[Callable, Any]:
     """(denoiser, cond) for a batch: the model, wrapped in classifier-free guidance when settings.cfg != 1
     and in epsilon scaling when it is on."""
-    cond = model.condition(prompts=prompts, labels=labels)
+    guided = settings.cfg != 1.0
+    windows = model.text_windows(prompts, negative if guided else None)  # cond and uncond tokens line up
+    cond = model.condition(prompts=prompts, labels=labels, windows=windows)
     denoiser: Callable = model
-    if settings.cfg != 1.0:
+    if guided:
         if model.cfg.conditioning == "none":
             raise ValueError("guidance (cfg != 1) needs a conditional model; this model is unconditional")
-        uncond = model.condition(prompts=negative) if negative is not None else model.null_condition(batch)
+        uncond = (model.condition(prompts=negative, windows=windows) if negative is not None
+                  else model.null_condition(batch, windows))
         denoiser = CFGDenoiser(model, settings.cfg, uncond, rescale=settings.cfg_rescale, interval=settings.cfg_interval)
     if settings.eps_scaling != 1.0 or settings.eps_scaling_k != 0.0:
         denoiser = EpsScaling(denoiser, settings.eps_scaling, settings.eps_scaling_k, model.sigma_max)
@@ -276,13 +279,14 @@ class Pipeline:
         from .edit import invert
         return invert(self, image, prompt, **options)
 
-    def check_prompt(self, prompt: Optional[str], negative: Optional[str]) -> None:
-        """Refuse prompts the block list forbids (naming the rule), empty prompts and words the model never learned."""
+    def check_prompt(self, prompt: Optional[str], negative: Optional[str]) -> list[str]:
+        """Refuse prompts the block list forbids (naming the rule), empty prompts and words the model never learned;
+        return notes on how the accepted prompts are encoded (a long CLIP prompt's windows) for the user."""
         if self.prompt_filter is not None:
             self.prompt_filter.check(prompt, "prompt")
             self.prompt_filter.check(negative, "negative prompt")
         if self.model.cfg.conditioning != "text":
-            return
+            return []
         if prompt is None or not prompt.strip():
             raise ValueError("the prompt is empty; describe the image, e.g. \"a red circle above a blue square\"")
         for text, what in ((prompt, "prompt"), (negative, "negative prompt")):
@@ -290,6 +294,9 @@ class Pipeline:
             if unknown:
                 raise ValueError(f"the {what} has words this model never saw in training: {', '.join(unknown)}; "
                                  f"rephrase with words from its vocabulary (see `diffuse info {self.name}`)")
+        assert self.model.text_encoder is not None
+        return [f"{what}: {note}" for text, what in ((prompt, "prompt"), (negative, "negative prompt")) if text
+                for note in self.model.text_encoder.prompt_warnings(text)]
 
     def record(self, prompt: Optional[str], negative: Optional[str], class_label: Optional[int], seed: int,
                settings: SampleSettings, size: int, sigmas: list[float]) -> dict[str, Any]:

@@ -240,7 +240,8 @@ def create_app(pipes: dict[str, Pipeline], *, max_queue: int = 32, max_batch: in
         out_models = []
         for name, pipe in pipes.items():
             m = pipe.model
-            vocab = list(m.text_encoder.tokenizer.vocab) if m.cfg.conditioning == "text" and hasattr(m.text_encoder, "tokenizer") else []
+            builtin = m.cfg.conditioning == "text" and m.cfg.text_encoder == "builtin"  # the others take any words
+            vocab = list(m.text_encoder.tokenizer.vocab) if builtin else []
             out_models.append(ModelOut(name=name, model_hash=pipe.model_hash, conditioning=m.cfg.conditioning,
                                        image_size=m.cfg.image_size * pipe.codec.factor,
                                        size_multiple=m.size_factor() * pipe.codec.factor if m.size_factor() else None,

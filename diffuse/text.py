@@ -159,6 +159,11 @@ class TextEncoder(nn.Module):
         """Notes for the user about how ``prompt`` is encoded (e.g. CLIP's long-prompt windows); none by default."""
         return []
 
+    def num_windows(self, prompts: list[str]) -> int:
+        """Encoding windows the longest of ``prompts`` needs (CLIP: 75 tokens each); one by default. A batch's
+        prompts and negative prompts are encoded with the same count, so their token sequences line up."""
+        return 1
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able config; ``build_text_encoder(self.kind, self.to_dict())`` rebuilds the module."""
         raise NotImplementedError
