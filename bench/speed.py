@@ -85,6 +85,7 @@ from diffuse import rng, schedules, shapes  # noqa: E402
 from diffuse.config import presets  # noqa: E402
 from diffuse.guidance import CFGDenoiser  # noqa: E402
 from diffuse.model import DiffusionModel  # noqa: E402
+from diffuse.nn import backbone_config_from_dict  # noqa: E402
 from diffuse.nn.unet import UNet, UNetConfig  # noqa: E402
 from diffuse.pipeline import resolve_model  # noqa: E402
 from diffuse.precond import make_precond  # noqa: E402
@@ -198,7 +199,9 @@ def preset_subject(name: str) -> Subject:
     folder = SHIPPED.get(name)
     model = DiffusionModel.load(resolve_model(folder))[0] if folder else None
     weights = "shipped"
-    if model is None or model.cfg.backbone_config != cfg.backbone_config:
+    same = model is not None and (backbone_config_from_dict(cfg.backbone, model.cfg.backbone_config)
+                                  == backbone_config_from_dict(cfg.backbone, cfg.backbone_config))  # defaults filled in
+    if not same:
         model, weights = DiffusionModel(cfg), "random"
         randomize(model.denoiser.backbone)
     cond = uncond = None
@@ -235,44 +238,18 @@ class DiffusersUNet(nn.Module):
                          return_dict=False)[0]
 
 
-def diffusers_config(cfg: UNetConfig, *, linear_projection: bool) -> dict[str, Any]:
-    """``UNet2DConditionModel`` keyword arguments for the network our U-Net builds from ``cfg``.
-
-    Only text-conditional configurations have a twin: diffusers' cross-attention blocks need a
-    context. ``attention_head_dim`` is diffusers' name for the number of heads per level.
-    ``linear_projection=False`` gives SD 1.x's 1x1-conv proj_in/proj_out (same weights, reshaped).
-    """
-    unsupported = {"text_dim == 0": cfg.text_dim == 0, "mid_attention off": not cfg.mid_attention,
-                   "num_classes > 0": cfg.num_classes > 0, "concat_channels > 0": cfg.concat_channels > 0,
-                   "non-default noise embedding": (cfg.noise_embedding, cfg.noise_embedding_scale, cfg.noise_max_period)
-                   != ("positional", 1.0, 10000.0)}
-    bad = [what for what, yes in unsupported.items() if yes]
-    if bad:
-        raise ValueError(f"no diffusers twin for this U-Net: {', '.join(bad)}")
-    levels = [cfg.image_size // 2**i in cfg.attention_resolutions for i in range(len(cfg.channel_mult))]
-    channels = [cfg.model_channels * m for m in cfg.channel_mult]
-    return dict(
-        sample_size=cfg.image_size, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
-        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in levels),
-        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(levels)),
-        mid_block_type="UNetMidBlock2DCrossAttn", block_out_channels=tuple(channels), layers_per_block=cfg.num_res_blocks,
-        norm_num_groups=cfg.norm_groups, cross_attention_dim=cfg.text_dim, transformer_layers_per_block=cfg.transformer_depth,
-        attention_head_dim=tuple(cfg.heads(c)[0] for c in channels), use_linear_projection=linear_projection,
-        resnet_time_scale_shift="default" if cfg.time_embedding == "add" else "scale_shift", dropout=cfg.dropout,
-        flip_sin_to_cos=True, freq_shift=0)
-
-
-def diffusers_twin(subject: Subject, *, linear_projection: bool) -> Subject:
-    """The subject with its U-Net replaced by diffusers' of the same configuration and the same weights
-    (built on the meta device and given our tensors, so the weights are neither initialized nor held twice)."""
+def diffusers_twin(subject: Subject) -> Subject:
+    """The subject with its U-Net replaced by diffusers' of the same configuration and the same weights, through
+    diffuse.convert.unet (built on the meta device and given our tensors, so the weights are neither initialized nor
+    held twice). Only text-conditional U-Nets have a twin: diffusers' cross-attention blocks need a context."""
     from diffusers import UNet2DConditionModel
+
+    from diffuse.convert.unet import unet_config_to_diffusers, unet_state_to_diffusers
 
     ours = subject.denoiser.backbone
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**diffusers_config(ours.config, linear_projection=linear_projection))
-    shapes_theirs = {k: v.shape for k, v in unet.state_dict().items()}
-    unet.load_state_dict({k: v.reshape(shapes_theirs.get(k, v.shape)) for k, v in ours.state_dict().items()}, strict=True,
-                         assign=True)
+        unet = UNet2DConditionModel.from_config(unet_config_to_diffusers(ours.config))
+    unet.load_state_dict(unet_state_to_diffusers(ours.state_dict(), ours.config), strict=True, assign=True)
     if any(p.is_meta for p in unet.parameters()) or any(b.is_meta for b in unet.buffers()):
         raise RuntimeError("diffusers' U-Net has tensors our U-Net has no weights for")
     subject.denoiser.backbone = DiffusersUNet(unet.eval())
@@ -286,7 +263,7 @@ def build_subject(name: str) -> Subject:
     base, _, impl = name.partition("@")
     subject = sd15_subject() if base == "sd15" else preset_subject(base)
     if impl:
-        subject = diffusers_twin(subject, linear_projection=base != "sd15")
+        subject = diffusers_twin(subject)
     subject.denoiser.eval()
     return subject
 

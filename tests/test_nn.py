@@ -101,6 +101,10 @@ def test_noise_embeddings():
     torch.testing.assert_close(pe[0], torch.tensor([1.0] * 4 + [0.0] * 4))  # [cos, sin] at 0
     torch.testing.assert_close(pe[1, 0], torch.tensor(math.cos(0.5)))  # highest frequency is 1
     torch.testing.assert_close(PositionalEmbedding(8, scale=1000)(c), PositionalEmbedding(8)(1000 * c))
+    # DDPM's variant: [sin, cos] and frequencies 10000^(-i / (half - 1)), so the last one is 1/10000
+    ddpm = PositionalEmbedding(8, flip_sin_to_cos=False, freq_shift=1)(c)
+    freqs = 10000.0 ** (-torch.arange(4) / 3)
+    torch.testing.assert_close(ddpm, torch.cat([(c[:, None] * freqs).sin(), (c[:, None] * freqs).cos()], dim=1))
     fe1, fe2 = FourierEmbedding(8, scale=16), FourierEmbedding(8, scale=16)
     torch.testing.assert_close(fe1(c), fe2(c), atol=0, rtol=0)  # fixed seed
     assert fe1.freqs.abs().mean() > 4  # scale is the std of the frequencies
@@ -257,6 +261,14 @@ def test_config_validation():
         UNetConfig(num_heads=4, head_dim=8)
     with pytest.raises(ValueError, match="norm_groups"):
         UNetConfig(model_channels=48, norm_groups=32)
+    with pytest.raises(ValueError, match="attention='plain' has no cross-attention"):
+        UNetConfig(attention="plain", text_dim=8)
+    with pytest.raises(ValueError, match="unknown attention"):
+        UNetConfig(attention="linear")
+    with pytest.raises(ValueError, match="downsample_padding"):
+        UNetConfig(downsample_padding=2)
+    with pytest.raises(ValueError, match="positional"):
+        UNetConfig(noise_embedding="fourier", freq_shift=1)
     with pytest.raises(ValueError, match="patch_size"):
         DiTConfig(image_size=30, patch_size=4)
     with pytest.raises(ValueError, match="text_mode"):

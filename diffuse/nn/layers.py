@@ -56,23 +56,31 @@ def init_weights(model: nn.Module) -> None:
 class PositionalEmbedding(nn.Module):
     """Sinusoidal embedding of a float c_noise [B] -> [B, dim] (Vaswani et al. 2017; Ho et al. 2020).
 
-    Frequencies are max_period^(-i / half) for i < half, applied to ``scale * c_noise``;
-    the output is [cos, sin] (diffusers' ``flip_sin_to_cos=True``, ``freq_shift=0``, as in
-    Stable Diffusion). ``scale`` sets the frequency scale: 1 suits timesteps 0..999 and also
-    EDM's c_noise = ln(sigma)/4 (as EDM's ADM network uses it); use ~1000 for t in [0, 1].
+    Frequencies are max_period^(-i / (half - freq_shift)) for i < half, applied to ``scale * c_noise``;
+    the output is [cos, sin], or [sin, cos] with ``flip_sin_to_cos=False`` (diffusers' ``Timesteps``
+    options; the defaults are Stable Diffusion's, DDPM's are ``False`` and ``freq_shift=1``). ``scale``
+    sets the frequency scale: 1 suits timesteps 0..999 and also EDM's c_noise = ln(sigma)/4 (as EDM's
+    ADM network uses it); use ~1000 for t in [0, 1].
     """
 
-    def __init__(self, dim: int, scale: float = 1.0, max_period: float = 10000.0):
+    def __init__(self, dim: int, scale: float = 1.0, max_period: float = 10000.0, flip_sin_to_cos: bool = True,
+                 freq_shift: float = 0.0):
         super().__init__()
         if dim % 2:
             raise ValueError(f"embedding dim must be even, got {dim}")
+        if freq_shift >= dim // 2:
+            raise ValueError(f"freq_shift must be below dim / 2 = {dim // 2}, got {freq_shift}")
         self.dim, self.scale, self.max_period = dim, float(scale), float(max_period)
+        self.flip_sin_to_cos, self.freq_shift = flip_sin_to_cos, freq_shift
 
     def forward(self, c_noise: torch.Tensor) -> torch.Tensor:
         half = self.dim // 2
-        freqs = torch.exp(-math.log(self.max_period) * torch.arange(half, dtype=torch.float32, device=c_noise.device) / half)
+        steps = torch.arange(half, dtype=torch.float32, device=c_noise.device)
+        freqs = torch.exp(-math.log(self.max_period) * steps / (half - self.freq_shift))
         args = (self.scale * c_noise.float())[:, None] * freqs[None]  # [B, half]
-        return torch.cat([args.cos(), args.sin()], dim=1)  # [B, dim]
+        if self.flip_sin_to_cos:
+            return torch.cat([args.cos(), args.sin()], dim=1)  # [B, dim]
+        return torch.cat([args.sin(), args.cos()], dim=1)  # [B, dim]
 
 
 class FourierEmbedding(nn.Module):
@@ -94,11 +102,15 @@ class FourierEmbedding(nn.Module):
         return torch.cat([args.cos(), args.sin()], dim=1)  # [B, dim]
 
 
-def noise_embedding(kind: str, dim: int, scale: float, max_period: float = 10000.0) -> nn.Module:
-    """'positional' (sinusoidal, ``scale`` multiplies c_noise) or 'fourier' (``scale`` = std of frequencies)."""
+def noise_embedding(kind: str, dim: int, scale: float, max_period: float = 10000.0, flip_sin_to_cos: bool = True,
+                    freq_shift: float = 0.0) -> nn.Module:
+    """'positional' (sinusoidal, ``scale`` multiplies c_noise) or 'fourier' (``scale`` = std of frequencies;
+    it has no ``flip_sin_to_cos``/``freq_shift`` options and refuses non-default ones)."""
     if kind == "positional":
-        return PositionalEmbedding(dim, scale, max_period)
+        return PositionalEmbedding(dim, scale, max_period, flip_sin_to_cos, freq_shift)
     if kind == "fourier":
+        if not flip_sin_to_cos or freq_shift:
+            raise ValueError("flip_sin_to_cos=False and freq_shift apply to the 'positional' noise embedding only")
         return FourierEmbedding(dim, scale)
     raise ValueError(f"unknown noise_embedding {kind!r}; use 'positional' or 'fourier'")
 

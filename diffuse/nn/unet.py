@@ -3,16 +3,18 @@
 Residual blocks with GroupNorm and the noise(+class) embedding injected by AdaGN scale/shift
 (Dhariwal & Nichol 2021) or by addition (Stable Diffusion); self-attention at chosen
 resolutions; cross-attention to text tokens in SpatialTransformer blocks (Rombach et al.
-2022, §3.3); zero-initialized output conv and residual-branch last convs, so a fresh
-network returns exactly zero.
+2022, §3.3), or DDPM's plain self-attention blocks (``attention='plain'``, Ho et al. 2020);
+zero-initialized output conv and residual-branch last convs, so a fresh network returns
+exactly zero.
 
 The module tree mirrors diffusers' ``UNet2DConditionModel`` (conv_in, time_embedding.linear_1/2,
 class_embedding, down_blocks[i].resnets[j] / .attentions[j] / .downsamplers[0], mid_block,
 up_blocks[i].resnets / .attentions / .upsamplers[0], conv_norm_out, conv_out; attention blocks
 hold norm, proj_in, transformer_blocks[k].{norm1, attn1, norm2, attn2, norm3, ff}, proj_out)
-so that Stable Diffusion weights can be imported by renaming keys. Differences: proj_in/proj_out
-are Linear (SD 2 style; SD 1 stores 1x1 convs — squeeze their kernels), and the class embedding
-has num_classes + 1 rows (the last is the null class for guidance).
+and, with plain attention, ``UNet2DModel`` (attention blocks hold group_norm, to_q/to_k/to_v,
+to_out.0), so that diffusers weights can be imported by renaming keys (diffuse.convert.unet).
+Differences: proj_in/proj_out are Linear (SD 2 style; SD 1 stores 1x1 convs — squeeze their
+kernels), and the class embedding has num_classes + 1 rows (the last is the null class for guidance).
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .layers import (Attention, Downsample, FeedForward, ResBlock, TimestepEmbedding, Upsample, check_c_noise,
-                     group_norm, init_weights, noise_embedding, parse_cond, zero_init)
+from .layers import (Attention, Downsample, FeedForward, ResBlock, SpatialSelfAttention, TimestepEmbedding, Upsample,
+                     check_c_noise, group_norm, init_weights, noise_embedding, parse_cond, zero_init)
 
 # ----------------------------------------------------------------------------- config
 
@@ -53,6 +55,12 @@ class UNetConfig:
     noise_embedding: str = "positional"         # 'positional' or 'fourier'
     noise_embedding_scale: float = 1.0          # positional: multiplier on c_noise; fourier: std of freqs
     noise_max_period: float = 10000.0           # positional only
+    flip_sin_to_cos: bool = True                # positional only: [cos, sin] (True) or [sin, cos] features
+    freq_shift: float = 0.0                     # positional only: frequencies max_period^(-i / (half - freq_shift))
+    attention: str = "transformer"              # 'transformer' (SpatialTransformer) or 'plain' (SpatialSelfAttention)
+    norm_eps: float = 1e-5                      # eps of the resnets', output's and plain attention's GroupNorms
+    downsample_padding: int = 1                 # 1: pad all sides; 0: pad right/bottom only (DDPM)
+    mid_rescale: float = 1.0                    # mid-block resnets' (and plain attention's) outputs are divided by it
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
@@ -79,6 +87,16 @@ class UNetConfig:
             raise ValueError(f"unknown time_embedding {self.time_embedding!r}; use 'scale_shift' or 'add'")
         if self.noise_embedding not in ("positional", "fourier"):
             raise ValueError(f"unknown noise_embedding {self.noise_embedding!r}; use 'positional' or 'fourier'")
+        if self.noise_embedding == "fourier" and (not self.flip_sin_to_cos or self.freq_shift):
+            raise ValueError("flip_sin_to_cos=False and freq_shift apply to the 'positional' noise embedding only")
+        if self.attention not in ("transformer", "plain"):
+            raise ValueError(f"unknown attention {self.attention!r}; use 'transformer' or 'plain'")
+        if self.attention == "plain" and self.text_dim:
+            raise ValueError("attention='plain' has no cross-attention to text; use attention='transformer' with text_dim")
+        if self.downsample_padding not in (0, 1):
+            raise ValueError(f"downsample_padding must be 0 or 1, got {self.downsample_padding}")
+        if self.norm_eps <= 0 or self.mid_rescale <= 0:
+            raise ValueError(f"norm_eps and mid_rescale must be > 0, got {self.norm_eps} and {self.mid_rescale}")
         for name in ("num_classes", "text_dim", "concat_channels", "num_res_blocks", "transformer_depth"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
@@ -147,11 +165,12 @@ class DownBlock(nn.Module):
     Returns the output [B, C_out, H', W'] and the list of skip tensors for the decoder.
     """
 
-    def __init__(self, resnets: list[nn.Module], attentions: list[nn.Module], downsample_channels: int | None):
+    def __init__(self, resnets: list[nn.Module], attentions: list[nn.Module], downsample_channels: int | None,
+                 padding: int = 1):
         super().__init__()
         self.resnets = nn.ModuleList(resnets)
         self.attentions = nn.ModuleList(attentions)  # empty: no keys, like diffusers' DownBlock2D
-        self.downsamplers = nn.ModuleList([Downsample(downsample_channels)]) if downsample_channels else None
+        self.downsamplers = nn.ModuleList([Downsample(downsample_channels, padding)]) if downsample_channels else None
 
     def forward(self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None,
                 mask: torch.Tensor | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -221,15 +240,18 @@ class UNet(nn.Module):
         emb_dim = 4 * ch0
         ctx = cfg.text_dim
 
-        def resnet(c_in: int, c_out: int) -> ResBlock:
-            return ResBlock(c_in, c_out, emb_dim, cfg.norm_groups, cfg.dropout, cfg.time_embedding)
+        def resnet(c_in: int, c_out: int, rescale: float = 1.0) -> ResBlock:
+            return ResBlock(c_in, c_out, emb_dim, cfg.norm_groups, cfg.dropout, cfg.time_embedding, cfg.norm_eps, rescale)
 
-        def attention(c: int) -> SpatialTransformer:
+        def attention(c: int, rescale: float = 1.0) -> nn.Module:
             heads, dim_head = cfg.heads(c)
+            if cfg.attention == "plain":
+                return SpatialSelfAttention(c, heads, cfg.norm_groups, cfg.norm_eps, rescale, cfg.dropout)
             return SpatialTransformer(c, heads, dim_head, cfg.transformer_depth, ctx, cfg.norm_groups, cfg.dropout)
 
         # embeddings
-        self.time_proj = noise_embedding(cfg.noise_embedding, ch0, cfg.noise_embedding_scale, cfg.noise_max_period)
+        self.time_proj = noise_embedding(cfg.noise_embedding, ch0, cfg.noise_embedding_scale, cfg.noise_max_period,
+                                         cfg.flip_sin_to_cos, cfg.freq_shift)
         self.time_embedding = TimestepEmbedding(ch0, emb_dim)
         self.class_embedding = nn.Embedding(cfg.num_classes + 1, emb_dim) if cfg.num_classes else None
 
@@ -249,13 +271,14 @@ class UNet(nn.Module):
                     attns.append(attention(ch))
                 chans.append(ch)
             last = level == n_levels - 1
-            down.append(DownBlock(resnets, attns, None if last else ch))
+            down.append(DownBlock(resnets, attns, None if last else ch, cfg.downsample_padding))
             if not last:
                 chans.append(ch)
         self.down_blocks = nn.ModuleList(down)
 
         # middle
-        self.mid_block = MidBlock([resnet(ch, ch), resnet(ch, ch)], [attention(ch)] if cfg.mid_attention else [])
+        mid = cfg.mid_rescale
+        self.mid_block = MidBlock([resnet(ch, ch, mid), resnet(ch, ch, mid)], [attention(ch, mid)] if cfg.mid_attention else [])
 
         # decoder
         up = []
@@ -272,7 +295,7 @@ class UNet(nn.Module):
         self.up_blocks = nn.ModuleList(up)
 
         # output
-        self.conv_norm_out = group_norm(ch, cfg.norm_groups)
+        self.conv_norm_out = group_norm(ch, cfg.norm_groups, cfg.norm_eps)
         self.conv_act = nn.SiLU()
         self.conv_out = zero_init(nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
         init_weights(self)
