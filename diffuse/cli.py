@@ -115,7 +115,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         print(f"wrote diffusers pipeline folder {out} (load it with DiffusionPipeline.from_pretrained)")
         return 0
     out = convert(Path(args.src), Path(args.out), dtype=args.dtype, prediction=args.prediction, overwrite=args.overwrite)
-    print(f"wrote model folder {out}; try: diffuse generate \"a photo of a cat\" --model {out}")
+    prompt = "\"a photo of a cat\" " if (out / "tokenizer").is_dir() else ""
+    print(f"wrote model folder {out}; try: diffuse generate {prompt}--model {out}")
     return 0
 
 

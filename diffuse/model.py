@@ -31,8 +31,9 @@ class DiffusionModel(nn.Module):
         self.cfg = cfg
         self.root = root
         backbone = build_backbone(cfg.backbone, cfg.backbone_config)
-        self.denoiser = make_precond(cfg.precond, backbone, noise_table=cfg.noise_table, sigma_data=cfg.sigma_data,
-                                     sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max)
+        with torch.device("cpu"):  # a discrete model's noise table is computed, never stored: not on the meta device
+            self.denoiser = make_precond(cfg.precond, backbone, noise_table=cfg.noise_table, sigma_data=cfg.sigma_data,
+                                         sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max)
         self.text_encoder = build_text_encoder(cfg.text_encoder, cfg.text_config, root) if cfg.conditioning == "text" else None
         self.precision = "fp32"  # sampling: fp32, or bf16 (the backbone under autocast); see set_fast_path
         self.channels_last = False

@@ -136,9 +136,10 @@ def export_diffusers(model_dir: Path, out: Path, *, overwrite: bool = False) -> 
     import json
 
     from ..model import DiffusionModel
+    from ..pipeline import resolve_model
     from .unet import unet_config_to_diffusers, unet_state_to_diffusers
 
-    model_dir = Path(model_dir)
+    model_dir = resolve_model(model_dir)
     model, config = DiffusionModel.load(model_dir)
     cfg = model.cfg
     if cfg.precond != "discrete" or cfg.backbone != "unet":

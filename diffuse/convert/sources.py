@@ -90,9 +90,9 @@ def read_diffusers(folder: Path, dtype: Optional[torch.dtype] = None) -> Parts:
 def read_single_file(path: Path, dtype: Optional[torch.dtype] = None, prediction: Optional[str] = None) -> Parts:
     """An original Stable Diffusion checkpoint. SD 2.x files come as eps (512-base) and v (768-v) models and do
     not say which, so ``prediction`` ('eps' or 'v') is required for them (SD 1.x is eps)."""
+    weights = open_weights(Path(path), dtype)  # refuses a pickle before anything else looks at it
     from . import ldm
 
-    weights = open_weights(Path(path), dtype)
     family = ldm.detect_family(weights.shapes())
     if family == "sd2" and prediction is None:
         raise UnsupportedModel(f"{path} is a Stable Diffusion 2.x checkpoint, which comes as an eps model (512-base) or a "

@@ -1,0 +1,125 @@
+"""`diffuse convert`: diffusers pipelines in and out, the same sampling loop as diffusers, clear refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffuse import schedules
+from diffuse.cli import main
+from diffuse.model import DiffusionModel
+from diffuse.samplers import SAMPLERS
+
+diffusers = pytest.importorskip("diffusers")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+DDIM = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False, set_alpha_to_one=False,
+            steps_offset=1, timestep_spacing="leading")
+
+
+def randomize(module: torch.nn.Module, seed: int, std: float = 0.05) -> torch.nn.Module:
+    """Every parameter random (diffusers zero-inits output layers), so that a wrong mapping cannot pass."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+    return module.eval()
+
+
+def ours_like_diffusers_ddim(denoiser, x_vp: torch.Tensor, cond, scheduler, steps: int) -> torch.Tensor:
+    """Our DDIM sampler on diffusers' DDIM timesteps, returned as diffusers' final latents.
+
+    Our samplers run on x_VE = x_VP / sqrt(abar) and end at sigma 0; diffusers' DDIM with
+    set_alpha_to_one=False ends at the table's first level sigma_0 instead: its last state is
+    x0_hat + sigma_0 * eps_hat (in VE terms) from the last step's estimate, which the callback gives.
+    """
+    scheduler.set_timesteps(steps)
+    abar = scheduler.alphas_cumprod.double()
+    sigma = schedules.sigma_from_alpha_bar(abar)
+    sigmas = [float(sigma[t]) for t in scheduler.timesteps] + [0.0]
+    states: list[torch.Tensor] = []
+    last = SAMPLERS["ddim"](denoiser, x_vp / abar[scheduler.timesteps[0]].sqrt().float(), sigmas, cond,
+                            callback=lambda info: states.append(info.x))
+    x_1, x0_hat = states[-2], last  # the state at the last timestep, and the estimate the last step returned
+    final_ve = x0_hat + float(sigma[0]) * (x_1 - x0_hat) / sigmas[-2]
+    return final_ve * abar[0].sqrt().float()
+
+
+@pytest.fixture(scope="module")
+def ddpm_folder(tmp_path_factory) -> Path:
+    unet = randomize(diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
+                                           block_out_channels=(16, 32), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                                           up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8,
+                                           attention_head_dim=8), seed=1)
+    folder = tmp_path_factory.mktemp("src") / "ddpm"
+    diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler(**{k: DDIM[k] for k in ("beta_schedule", "beta_start",
+                                                                                                 "beta_end")})).save_pretrained(folder)
+    return folder
+
+
+def test_a_ddpm_pipeline_converts_and_samples_like_diffusers_ddim(ddpm_folder, tmp_path):
+    out = tmp_path / "ours"
+    assert main(["convert", str(ddpm_folder), "--out", str(out)]) == 0
+    model, config = DiffusionModel.load(out)
+    assert model.cfg.precond == "discrete" and model.cfg.noise_table["prediction"] == "eps" and config["source"]["family"] == "ddpm"
+    unet = diffusers.UNet2DModel.from_pretrained(ddpm_folder / "unet").eval()
+    scheduler = diffusers.DDIMScheduler(**DDIM)
+    scheduler.set_timesteps(10)
+    x_vp = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        latents = x_vp.clone()
+        for t in scheduler.timesteps:
+            latents = scheduler.step(unet(latents, t).sample, t, latents).prev_sample
+        ours = ours_like_diffusers_ddim(model, x_vp, None, scheduler, 10)
+    assert latents.abs().mean() > 0.1  # a real image, not a vanishing one
+    torch.testing.assert_close(ours, latents, rtol=1e-3, atol=1e-4)
+
+
+def test_export_gives_diffusers_the_same_pipeline_back(ddpm_folder, tmp_path):
+    ours, exported = tmp_path / "ours", tmp_path / "exported"
+    assert main(["convert", str(ddpm_folder), "--out", str(ours)]) == 0
+    assert main(["convert", str(ours), "--to", "diffusers", "--out", str(exported)]) == 0
+    back = diffusers.DiffusionPipeline.from_pretrained(exported)
+    original = diffusers.DiffusionPipeline.from_pretrained(ddpm_folder)
+    assert type(back).__name__ == "DDPMPipeline"
+    assert torch.equal(back.scheduler.alphas_cumprod, original.scheduler.alphas_cumprod)
+    x, t = torch.randn(1, 3, 8, 8), torch.tensor([500])
+    with torch.no_grad():
+        torch.testing.assert_close(back.unet(x, t).sample, original.unet(x, t).sample, rtol=0, atol=0)
+
+
+def test_bad_sources_are_one_line_errors_and_nothing_is_written(ddpm_folder, tmp_path, capsys):
+    canary = tmp_path / "payload-ran"
+    evil = tmp_path / "model.safetensors"
+    evil.write_bytes(pickle.dumps(type("P", (), {"__reduce__": lambda self: (Path.touch, (canary,))})()))
+    other = tmp_path / "sdxl"
+    other.mkdir()
+    (other / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    cases = [
+        ([str(evil)], "is a pickle file, whatever its extension says"),
+        ([str(other)], "is SDXL (StableDiffusionXLPipeline)"),
+        ([str(ddpm_folder / "unet")], "is a single diffusers component; give the pipeline folder"),
+        ([str(tmp_path / "missing")], "does not exist"),
+        ([str(ddpm_folder), "--prediction", "v"], "--prediction is for single-file checkpoints"),
+    ]
+    for args, words in cases:
+        assert main(["convert", *args, "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and words in err and err.count("\n") == 1, err
+    assert not canary.exists() and not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".incomplete")]
+    (tmp_path / "taken").mkdir()
+    assert main(["convert", str(ddpm_folder), "--out", str(tmp_path / "taken")]) == 2
+    assert "already exists; choose another --out or pass --overwrite" in capsys.readouterr().err
+    assert main(["convert", str(ddpm_folder), "--out", str(tmp_path / "taken"), "--overwrite"]) == 0
+
+
+def test_our_own_models_are_not_exported_to_diffusers(tmp_path, capsys):
+    assert main(["convert", "digits", "--to", "diffusers", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "only discrete DDPM-table U-Nets" in err and not (tmp_path / "x").exists()
