@@ -205,8 +205,8 @@ def part_adherence(cfgs: dict[str, RunConfig], rates: dict[str, float], minutes:
 
 
 def random_vae(cfg: Any, seed: int = 0) -> VAE:
-    """A VAE with every parameter moved by N(0, 0.05^2) from its init (the zero-initialized convs of a
-    fresh VAE would make each residual block its shortcut)."""
+    """A VAE with every parameter moved by N(0, 0.05^2) from its init (the zero-initialized convs and
+    attention output of a fresh VAE would make each residual block its shortcut and the attention the identity)."""
     torch.manual_seed(seed)
     vae = VAE(cfg)
     g = torch.Generator().manual_seed(seed)

@@ -56,7 +56,8 @@ class VAECodec:
     §4.3.2 and App. G: latents rescaled by 1/std so the diffusion model sees unit variance) and
     stored in the VAE folder's config, so no constant appears in scripts. With ``tile`` > 0, latents
     larger than ``tile`` on a side decode in tiles (:func:`decode_tiled`: one padded tile in memory at a
-    time, equal to the whole decode for the default ``overlap``, several times slower).
+    time after the decoder's stem ran on the whole latent, equal to the whole decode for the default ``overlap``,
+    several times slower).
     """
 
     def __init__(self, vae: "VAE", scale: float = 1.0, shift: float = 0.0, tile: int = 0, overlap: Optional[int] = None):
@@ -116,12 +117,12 @@ class _Measured(Exception):
 
 
 class _TiledGroupNorms:
-    """While active, the i-th GroupNorm call of a decoder forward normalizes with the global
+    """While active, the i-th call of the GroupNorms in ``parts`` normalizes with the global
     statistics ``stats[i]`` (mean, var [B, G] float64); the call after the known ones adds count, sum
     and sum of squares of its input over the tile's core to ``acc`` and raises :class:`_Measured`."""
 
-    def __init__(self, decoder: torch.nn.Module):
-        self.norms = [m for m in decoder.modules() if isinstance(m, torch.nn.GroupNorm)]
+    def __init__(self, parts: list[torch.nn.Module]):
+        self.norms = [m for part in parts for m in part.modules() if isinstance(m, torch.nn.GroupNorm)]
         self.stats: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.acc: Optional[list[torch.Tensor]] = None
         self.core = (0, 0, 0, 0)  # the core's rows and columns (y0, y1, x0, x1) in the padded tile, latents
@@ -167,40 +168,49 @@ class _TiledGroupNorms:
 
 @torch.no_grad()
 def decode_tiled(vae: "VAE", z: torch.Tensor, tile: int, overlap: Optional[int] = None) -> torch.Tensor:
-    """Decode latents z [B, C, h, w] -> [B, C_img, h*f, w*f] one tile at a time, equal to ``vae.decode(z)``
-    up to float rounding when ``overlap`` >= ``vae.decoder.halo()`` (the default).
+    """Decode latents z [B, C, h, w] -> [B, C_img, h*f, w*f] with the up-sampling part of the decoder run one
+    tile at a time, equal to ``vae.decode(z)`` up to float rounding when ``overlap`` >= ``vae.decoder.halo()``
+    (the default).
+
+    The decoder's stem (post-quant conv, conv_in and the mid block, whose self-attention makes every latent
+    depend on all others) runs once on the whole latent grid: it is cheap there (latent resolution, about
+    1/f^2 of the pixels), and what it returns is exact. Only its output [B, C_mid, h, w] and one padded tile
+    of the body (:meth:`~diffuse.nn.vae.Decoder.body`: up blocks and output head) are in memory at a time,
+    besides the output.
 
     Tiles: the latent grid is cut into cores of ``tile`` x ``tile`` latents (smaller at the far edges)
-    that partition it; each core is decoded with ``overlap`` latents of real neighbours on every side
-    (fewer at the image border, where the whole decode zero-pads too) and cropped back to its core, so
-    the convolutions inside a core see exactly what they see in the whole decode.
+    that partition it; each core's stem output is run through the body with ``overlap`` latents of real
+    neighbours on every side (fewer at the image border, where the whole decode zero-pads too) and cropped
+    back to its core, so the convolutions inside a core see exactly what they see in the whole decode.
 
-    GroupNorm (Wu & He 2018) is the one layer that sees the whole image; its statistics are made global
-    as in the "Tiled VAE" of multidiffusion-upscaler-for-automatic1111 (per-group sums over all tiles,
-    then every tile normalized with the global mean/var), but recomputed rather than stored so memory
-    stays one padded tile plus the output: pass k decodes each tile up to its k-th GroupNorm (the
-    earlier ones normalized with the global statistics of passes 1..k-1), adds count, sum and sum of
-    squares (float64) of that GroupNorm's input over the core (exact there, since the halo reaches
-    further than the context used so far), and stops; the pass after the last GroupNorm writes the
-    output. Cost: (number of GroupNorms + 1) partial decodes of every padded tile, several times a
-    whole decode (see bench/RESULTS.md). With ``overlap`` < halo, the convolutions near a core's edge
-    miss context and seams appear.
+    GroupNorm (Wu & He 2018) is the one layer of the body that sees the whole image; its statistics are made
+    global as in the "Tiled VAE" of multidiffusion-upscaler-for-automatic1111 (per-group sums over all tiles,
+    then every tile normalized with the global mean/var), but recomputed rather than stored so memory stays
+    bounded: pass k runs each tile up to the body's k-th GroupNorm (the earlier ones normalized with the
+    global statistics of passes 1..k-1), adds count, sum and sum of squares (float64) of that GroupNorm's
+    input over the core (exact there, since the halo reaches further than the context used so far), and
+    stops; the pass after the last GroupNorm writes the output. Cost: one whole stem plus (number of body
+    GroupNorms + 1) partial body runs of every padded tile, several times a whole decode (see
+    bench/RESULTS.md). With ``overlap`` < halo, the convolutions near a core's edge miss context and seams
+    appear.
     """
-    halo = vae.decoder.halo()
+    decoder = vae.decoder
+    halo = decoder.halo()
     overlap = halo if overlap is None else overlap
     if tile < 1 or overlap < 0:
         raise ValueError(f"tiled decoding needs tile >= 1 and overlap >= 0 latents, got tile={tile}, overlap={overlap}")
     B, _, h, w = z.shape
     f = vae.cfg.factor
+    stem = decoder.stem(vae.post_quant_conv(z))  # [B, C_mid, h, w], whole: the mid-block attention is global
     cores = [(y, min(y + tile, h), x, min(x + tile, w)) for y in range(0, h, tile) for x in range(0, w, tile)]
     out: Optional[torch.Tensor] = None
-    with _TiledGroupNorms(vae.decoder) as norms:
+    with _TiledGroupNorms(decoder.body_parts()) as norms:
         while True:
             for y0, y1, x0, x1 in cores:
                 py0, py1, px0, px1 = max(0, y0 - overlap), min(h, y1 + overlap), max(0, x0 - overlap), min(w, x1 + overlap)
                 norms.core, norms.tile_h, norms.calls = (y0 - py0, y1 - py0, x0 - px0, x1 - px0), py1 - py0, 0
                 try:
-                    piece = vae.decoder(z[..., py0:py1, px0:px1])  # [B, C_img, (py1-py0)*f, (px1-px0)*f]
+                    piece = decoder.body(stem[..., py0:py1, px0:px1])  # [B, C_img, (py1-py0)*f, (px1-px0)*f]
                 except _Measured:
                     continue
                 if out is None:
