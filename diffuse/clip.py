@@ -123,9 +123,12 @@ class CLIPTokenizer:
 
     @classmethod
     def from_folder(cls, folder: Path | str, **options: Any) -> "CLIPTokenizer":
-        """Read ``vocab.json`` + ``merges.txt`` (transformers' CLIPTokenizer files, a diffusers ``tokenizer/`` folder)."""
+        """Read ``vocab.json`` + ``merges.txt`` (transformers' CLIPTokenizer files, a diffusers ``tokenizer/`` folder),
+        or, without them, the BPE vocabulary and merges inside a ``tokenizer.json`` (what transformers 5 saves)."""
         folder = Path(folder)
         vocab_file, merges_file = folder / "vocab.json", folder / "merges.txt"
+        if not vocab_file.is_file() and not merges_file.is_file() and (folder / "tokenizer.json").is_file():
+            return cls._from_tokenizer_json(folder / "tokenizer.json", **options)
         for f in (vocab_file, merges_file):
             if not f.is_file():
                 raise FileNotFoundError(f"CLIP tokenizer file {f} not found; a tokenizer folder holds vocab.json and merges.txt")
@@ -136,6 +139,19 @@ class CLIPTokenizer:
         if lines and lines[0].startswith("#version"):
             lines = lines[1:]
         return cls(vocab, _parse_merges(lines, merges_file), **options)
+
+    @classmethod
+    def _from_tokenizer_json(cls, path: Path, **options: Any) -> "CLIPTokenizer":
+        """The "model" block of a Hugging Face tokenizers file: {"type": "BPE", "vocab": {...}, "merges": [...]}, each
+        merge a "a b" string or an [a, b] pair."""
+        try:
+            model = json.loads(path.read_text(encoding="utf-8")).get("model", {})
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e.msg}); it is not a tokenizer file") from None
+        if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict) or not isinstance(model.get("merges"), list):
+            raise ValueError(f"{path} does not hold a BPE vocabulary and merges; it is not a CLIP tokenizer file")
+        lines = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+        return cls(model["vocab"], _parse_merges(lines, path), **options)
 
     @classmethod
     def from_open_clip(cls, vocab_size: int = 49408, **options: Any) -> "CLIPTokenizer":

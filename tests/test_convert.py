@@ -123,3 +123,74 @@ def test_our_own_models_are_not_exported_to_diffusers(tmp_path, capsys):
     assert main(["convert", "digits", "--to", "diffusers", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert "only discrete DDPM-table U-Nets" in err and not (tmp_path / "x").exists()
+
+
+# ---------------------------------------------------------------- Stable Diffusion layout, tiny and random
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory) -> Path:
+    """A tiny StableDiffusionPipeline (SD 1.x layout: conv projections, quick_gelu CLIP) with random weights."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("regex")
+    from diffuse.clip import write_open_clip_vocab
+
+    root = tmp_path_factory.mktemp("sd")
+    vocab = write_open_clip_vocab(root / "vocab")
+    tokenizer = transformers.CLIPTokenizer(str(vocab / "vocab.json"), str(vocab / "merges.txt"), model_max_length=77)
+    text_encoder = randomize(transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=77, hidden_act="quick_gelu")), seed=2, std=0.2)
+    unet = randomize(diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8), seed=3)
+    vae = randomize(diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+                                            down_block_types=("DownEncoderBlock2D",) * 2,
+                                            up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8,
+                                            layers_per_block=1), seed=4, std=0.25)
+    pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                             scheduler=diffusers.DDIMScheduler(**DDIM), safety_checker=None,
+                                             feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(root / "pipeline")
+    return root / "pipeline"
+
+
+def test_a_stable_diffusion_pipeline_samples_like_diffusers_with_guidance(sd_folder, tmp_path):
+    """Tokenizer, CLIP text encoder, U-Net, guidance, DDIM loop and VAE decode, end to end (within 1e-3)."""
+    from diffuse.codec import VAECodec
+    from diffuse.guidance import CFGDenoiser
+
+    ours = tmp_path / "ours"
+    assert main(["convert", str(sd_folder), "--out", str(ours)]) == 0
+    model, config = DiffusionModel.load(ours)
+    codec = VAECodec.load(ours / model.cfg.codec)
+    assert model.cfg.text_encoder == "clip" and config["source"]["family"] == "sd1" and codec.scale == 0.18215
+    reference = diffusers.StableDiffusionPipeline.from_pretrained(sd_folder)
+    prompts, negative = ["a photo of a red cat", "a castle on a hill, oil painting"], ["blurry", "low quality"]
+    x_vp = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = reference(prompts, negative_prompt=negative, num_inference_steps=10, guidance_scale=7.5, latents=x_vp,
+                         output_type="pt").images  # [2, 3, 64, 64] in [0, 1]
+        guided = CFGDenoiser(model, 7.5, model.condition(prompts=negative))
+        latents = ours_like_diffusers_ddim(guided, x_vp, model.condition(prompts=prompts), reference.scheduler, 10)
+        got = (codec.decode(latents) / 2 + 0.5).clamp(0, 1)
+    assert want.std() > 0.05  # not a flat image
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+
+
+def test_stable_diffusion_export_loads_in_diffusers_with_the_same_outputs(sd_folder, tmp_path):
+    ours, exported = tmp_path / "ours", tmp_path / "exported"
+    assert main(["convert", str(sd_folder), "--out", str(ours)]) == 0
+    assert main(["convert", str(ours), "--to", "diffusers", "--out", str(exported)]) == 0
+    back = diffusers.StableDiffusionPipeline.from_pretrained(exported)
+    original = diffusers.StableDiffusionPipeline.from_pretrained(sd_folder)
+    ids = original.tokenizer(["a red cat"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    assert torch.equal(back.tokenizer(["a red cat"], padding="max_length", max_length=77, return_tensors="pt").input_ids, ids)
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor([500])
+    with torch.no_grad():
+        text = original.text_encoder(ids)[0]
+        torch.testing.assert_close(back.text_encoder(ids)[0], text, rtol=0, atol=0)
+        torch.testing.assert_close(back.unet(x, t, text).sample, original.unet(x, t, text).sample, rtol=0, atol=0)
+        torch.testing.assert_close(back.vae.decode(x).sample, original.vae.decode(x).sample, rtol=0, atol=0)
+    assert back.vae.config.scaling_factor == original.vae.config.scaling_factor
+    assert torch.equal(back.scheduler.alphas_cumprod, original.scheduler.alphas_cumprod)

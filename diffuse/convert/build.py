@@ -27,7 +27,6 @@ from .schedulers import noise_table_from_diffusers, noise_table_to_diffusers
 from .sources import Parts, read_source
 
 TOKENIZER_SUBDIR = "tokenizer"
-TOKENIZER_FILES = ("vocab.json", "merges.txt")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -73,11 +72,16 @@ def model_config(parts: Parts) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     return ModelConfig(**fields), weights
 
 
-def tokenizer_settings(parts: Parts) -> dict[str, Any]:
-    """The tokenizer options of the family: SD 1.x pads with the end token, SD 2.x (OpenCLIP) with token 0."""
-    from ..clip import family_tokenizer_settings
+SINGLE_FILE_PAD = {"sd1": "<|endoftext|>", "sd2": "!"}  # SD 1.x pads with the end token; SD 2.x (OpenCLIP) with id 0
 
-    return family_tokenizer_settings(parts.family)
+
+def tokenizer_settings(parts: Parts) -> dict[str, Any]:
+    """The tokenizer's pad token: a diffusers folder's tokenizer files say it; a single file's family decides it."""
+    if parts.tokenizer is not None:
+        from .clip import clip_tokenizer_settings
+
+        return clip_tokenizer_settings(parts.tokenizer)
+    return {"pad_token": SINGLE_FILE_PAD[parts.family]}
 
 
 def write_vae(parts: Parts, folder: Path) -> None:
@@ -93,14 +97,12 @@ def write_vae(parts: Parts, folder: Path) -> None:
 
 
 def write_tokenizer(parts: Parts, folder: Path) -> None:
-    target = folder / TOKENIZER_SUBDIR
-    target.mkdir(parents=True)
-    if parts.tokenizer is not None:
-        for name in TOKENIZER_FILES:
-            shutil.copyfile(parts.tokenizer / name, target / name)
-    else:  # a single file carries no tokenizer: CLIP's BPE vocabulary is the same for SD 1.x and 2.x
-        from ..clip import write_open_clip_vocab
+    from ..clip import CLIPTokenizer, write_open_clip_vocab
 
+    target = folder / TOKENIZER_SUBDIR
+    if parts.tokenizer is not None:  # vocab.json + merges.txt, or a tokenizer.json: written as the former
+        CLIPTokenizer.from_folder(parts.tokenizer, cleanup="nfc", **tokenizer_settings(parts)).save(target)
+    else:  # a single file carries no tokenizer: CLIP's BPE vocabulary is the same for SD 1.x and 2.x
         write_open_clip_vocab(target)
 
 
@@ -162,7 +164,10 @@ def export_diffusers(model_dir: Path, out: Path, *, overwrite: bool = False) -> 
             components["text_encoder"] = (clip_config_to_transformers(cfg.text_config),
                                           clip_state_to_transformers(prefixed(state, "text_encoder."), cfg.text_config),
                                           "model")
+            from .clip import write_clip_tokenizer_config
+
             shutil.copytree(model_dir / cfg.text_config["tokenizer"], tmp / TOKENIZER_SUBDIR)
+            write_clip_tokenizer_config(tmp / TOKENIZER_SUBDIR, cfg.text_config)
             index.update(_class_name="StableDiffusionPipeline", text_encoder=["transformers", "CLIPTextModel"],
                          tokenizer=["transformers", "CLIPTokenizer"], safety_checker=[None, None],
                          feature_extractor=[None, None], requires_safety_checker=False)
@@ -170,6 +175,9 @@ def export_diffusers(model_dir: Path, out: Path, *, overwrite: bool = False) -> 
             from .vae import vae_config_to_diffusers, vae_state_to_diffusers
 
             codec = VAECodec.load(model_dir / cfg.codec)
+            if codec.shift != 0 and cfg.conditioning == "text":
+                raise UnsupportedModel(f"{model_dir}'s VAE has a latent shift of {codec.shift:g}, which diffusers' "
+                                       f"StableDiffusionPipeline ignores; such a model has no diffusers pipeline")
             vae_cfg = codec.vae.cfg
             components["vae"] = (vae_config_to_diffusers(vae_cfg, codec.scale, codec.shift),
                                  vae_state_to_diffusers(codec.vae.state_dict(), vae_cfg), "diffusion_pytorch_model")

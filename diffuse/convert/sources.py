@@ -80,8 +80,9 @@ def read_diffusers(folder: Path, dtype: Optional[torch.dtype] = None) -> Parts:
             components[part] = (read_json(folder / part / "config.json"), find_weights(folder / part, stem, dtype))
     scheduler = read_json(folder / "scheduler" / "scheduler_config.json")
     tokenizer = folder / "tokenizer" if "tokenizer" in PIPELINES[name] else None
-    if tokenizer is not None and not ((tokenizer / "vocab.json").is_file() and (tokenizer / "merges.txt").is_file()):
-        raise UnsupportedModel(f"{tokenizer} lacks vocab.json or merges.txt (a CLIP tokenizer folder)")
+    if tokenizer is not None and not ((tokenizer / "vocab.json").is_file() and (tokenizer / "merges.txt").is_file()
+                                      or (tokenizer / "tokenizer.json").is_file()):
+        raise UnsupportedModel(f"{tokenizer} has neither vocab.json + merges.txt nor tokenizer.json (a CLIP tokenizer folder)")
     text = "text_encoder" in components
     family = ("sd2" if components["unet"][0].get("cross_attention_dim") == 1024 else "sd1") if text else "ddpm"
     return Parts(components, scheduler, tokenizer, family, dict(SD_SAMPLING if text else PIXEL_SAMPLING))
