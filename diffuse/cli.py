@@ -733,7 +733,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, OSError) as e:  # CheckpointError is a ValueError
+    except (ValueError, OSError, ImportError) as e:  # CheckpointError is a ValueError; ImportError: an optional extra
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

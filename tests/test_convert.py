@@ -170,7 +170,7 @@ def test_a_stable_diffusion_pipeline_samples_like_diffusers_with_guidance(sd_fol
     x_vp = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = reference(prompts, negative_prompt=negative, num_inference_steps=10, guidance_scale=7.5, latents=x_vp,
-                         output_type="pt").images  # [2, 3, 64, 64] in [0, 1]
+                         output_type="pt").images  # [2, 3, 16, 16] in [0, 1]
         guided = CFGDenoiser(model, 7.5, model.condition(prompts=negative))
         latents = ours_like_diffusers_ddim(guided, x_vp, model.condition(prompts=prompts), reference.scheduler, 10)
         got = (codec.decode(latents) / 2 + 0.5).clamp(0, 1)
