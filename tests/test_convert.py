@@ -80,12 +80,16 @@ def test_a_ddpm_pipeline_converts_and_samples_like_diffusers_ddim(ddpm_folder, t
     torch.testing.assert_close(ours, latents, rtol=1e-3, atol=1e-4)
 
 
-def test_export_gives_diffusers_the_same_pipeline_back(ddpm_folder, tmp_path):
+def exported_and_original(src: Path, tmp_path: Path):
+    """``src`` converted to ours, exported back to diffusers; both pipelines loaded by diffusers."""
     ours, exported = tmp_path / "ours", tmp_path / "exported"
-    assert main(["convert", str(ddpm_folder), "--out", str(ours)]) == 0
+    assert main(["convert", str(src), "--out", str(ours)]) == 0
     assert main(["convert", str(ours), "--to", "diffusers", "--out", str(exported)]) == 0
-    back = diffusers.DiffusionPipeline.from_pretrained(exported)
-    original = diffusers.DiffusionPipeline.from_pretrained(ddpm_folder)
+    return diffusers.DiffusionPipeline.from_pretrained(exported), diffusers.DiffusionPipeline.from_pretrained(src)
+
+
+def test_export_gives_diffusers_the_same_pipeline_back(ddpm_folder, tmp_path):
+    back, original = exported_and_original(ddpm_folder, tmp_path)
     assert type(back).__name__ == "DDPMPipeline"
     assert torch.equal(back.scheduler.alphas_cumprod, original.scheduler.alphas_cumprod)
     x, t = torch.randn(1, 3, 8, 8), torch.tensor([500])
@@ -179,11 +183,8 @@ def test_a_stable_diffusion_pipeline_samples_like_diffusers_with_guidance(sd_fol
 
 
 def test_stable_diffusion_export_loads_in_diffusers_with_the_same_outputs(sd_folder, tmp_path):
-    ours, exported = tmp_path / "ours", tmp_path / "exported"
-    assert main(["convert", str(sd_folder), "--out", str(ours)]) == 0
-    assert main(["convert", str(ours), "--to", "diffusers", "--out", str(exported)]) == 0
-    back = diffusers.StableDiffusionPipeline.from_pretrained(exported)
-    original = diffusers.StableDiffusionPipeline.from_pretrained(sd_folder)
+    back, original = exported_and_original(sd_folder, tmp_path)
+    assert type(back).__name__ == "StableDiffusionPipeline"
     ids = original.tokenizer(["a red cat"], padding="max_length", max_length=77, return_tensors="pt").input_ids
     assert torch.equal(back.tokenizer(["a red cat"], padding="max_length", max_length=77, return_tensors="pt").input_ids, ids)
     x, t = torch.randn(1, 4, 8, 8), torch.tensor([500])
