@@ -142,15 +142,15 @@ def sd_folder(tmp_path_factory) -> Path:
     vocab = write_open_clip_vocab(root / "vocab")
     tokenizer = transformers.CLIPTokenizer(str(vocab / "vocab.json"), str(vocab / "merges.txt"), model_max_length=77)
     text_encoder = randomize(transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        vocab_size=49408, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=1,
         max_position_embeddings=77, hidden_act="quick_gelu")), seed=2, std=0.2)
     unet = randomize(diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),  # SD's nominal size
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8), seed=3)
-    vae = randomize(diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+        cross_attention_dim=64, attention_head_dim=8, norm_num_groups=32), seed=3)  # SD 1.x: 8 heads, CLIP 64-wide heads
+    vae = randomize(diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
                                             down_block_types=("DownEncoderBlock2D",) * 2,
-                                            up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8,
+                                            up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=32,
                                             layers_per_block=1), seed=4, std=0.25)
     pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                              scheduler=diffusers.DDIMScheduler(**DDIM), safety_checker=None,
@@ -174,7 +174,7 @@ def test_a_stable_diffusion_pipeline_samples_like_diffusers_with_guidance(sd_fol
     x_vp = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = reference(prompts, negative_prompt=negative, num_inference_steps=10, guidance_scale=7.5, latents=x_vp,
-                         output_type="pt").images  # [2, 3, 16, 16] in [0, 1]
+                         height=16, width=16, output_type="pt").images  # [2, 3, 16, 16] in [0, 1]
         guided = CFGDenoiser(model, 7.5, model.condition(prompts=negative))
         latents = ours_like_diffusers_ddim(guided, x_vp, model.condition(prompts=prompts), reference.scheduler, 10)
         got = (codec.decode(latents) / 2 + 0.5).clamp(0, 1)
@@ -195,3 +195,25 @@ def test_stable_diffusion_export_loads_in_diffusers_with_the_same_outputs(sd_fol
         torch.testing.assert_close(back.vae.decode(x).sample, original.vae.decode(x).sample, rtol=0, atol=0)
     assert back.vae.config.scaling_factor == original.vae.config.scaling_factor
     assert torch.equal(back.scheduler.alphas_cumprod, original.scheduler.alphas_cumprod)
+
+
+def test_a_single_file_converts_to_the_same_model_as_its_diffusers_folder(sd_folder, tmp_path):
+    """The tiny pipeline written in the original single-file layout converts to the same tensors and settings."""
+    from safetensors.torch import save_file
+
+    from diffuse.checkpoint import read_json, read_tensors
+    from diffuse.convert import ldm
+    from diffuse.convert.sources import read_diffusers
+
+    parts = read_diffusers(sd_folder)
+    single = tmp_path / "tiny-sd1.safetensors"
+    save_file({k: v.contiguous() for k, v in ldm.diffusers_to_ldm(parts.components, "sd1").items()}, str(single))
+    assert main(["convert", str(sd_folder), "--out", str(tmp_path / "from-folder")]) == 0
+    assert main(["convert", str(single), "--out", str(tmp_path / "from-file")]) == 0
+    for name in ("model.safetensors", "vae/model.safetensors"):
+        a, b = read_tensors(tmp_path / "from-folder" / name), read_tensors(tmp_path / "from-file" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    a, b = read_json(tmp_path / "from-folder" / "config.json"), read_json(tmp_path / "from-file" / "config.json")
+    assert a["model"] == b["model"] and b["source"]["family"] == "sd1"
+    for name in ("vocab.json", "merges.txt"):  # the folder's tokenizer files and open_clip's vocabulary agree
+        assert (tmp_path / "from-folder" / "tokenizer" / name).read_text() == (tmp_path / "from-file" / "tokenizer" / name).read_text()

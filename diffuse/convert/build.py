@@ -52,6 +52,9 @@ def model_config(parts: Parts) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
 
     unet_config, unet_state = parts.components["unet"]
     unet = unet_config_from_diffusers(unet_config)
+    if "vae" in parts.components and unet.in_channels != parts.components["vae"][0].get("latent_channels", 4):
+        raise UnsupportedModel(f"the U-Net takes {unet.in_channels} input channels, more than the VAE's latents: an "
+                               f"inpainting or instruction-editing model, which diffuse does not run yet")
     weights = {f"denoiser.backbone.{k}": v for k, v in unet_state_from_diffusers(unet_state, unet).items()}
     table = noise_table_from_diffusers(parts.scheduler)
     sigma_min, sigma_max = sigma_range(table)
