@@ -246,6 +246,8 @@ def test_unsupported_models_are_named(folder):
     assert clip_state_from_transformers(prefixless, ours) == clip_state_from_transformers(state, ours)
     with pytest.raises(UnsupportedModel, match="projection"):
         clip_state_from_transformers({**state, "text_projection.weight": torch.zeros(32, 32)}, ours)
+    with pytest.raises(UnsupportedModel, match=r"layers.1.layer_norm1.weight has shape \(33,\), the config gives \(32,\)"):
+        clip_state_from_transformers({**state, "text_model.encoder.layers.1.layer_norm1.weight": torch.ones(33)}, ours)
     del state["text_model.encoder.layers.2.mlp.fc2.bias"]
     with pytest.raises(UnsupportedModel, match="missing .*layers.2.mlp.fc2.bias"):
         clip_state_from_transformers(state, ours)
