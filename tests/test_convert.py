@@ -207,9 +207,13 @@ def test_a_single_file_converts_to_the_same_model_as_its_diffusers_folder(sd_fol
 
     parts = read_diffusers(sd_folder)
     single = tmp_path / "tiny-sd1.safetensors"
-    save_file({k: v.contiguous() for k, v in ldm.diffusers_to_ldm(parts.components, "sd1").items()}, str(single))
+    state = {k: v.contiguous() for k, v in ldm.diffusers_to_ldm(parts.components, "sd1").items()}
+    state["betas"] = schedules.betas_scaled_linear(1000).half()  # the noise table as a half-precision file keeps it
+    save_file(state, str(single))
     assert main(["convert", str(sd_folder), "--out", str(tmp_path / "from-folder")]) == 0
     assert main(["convert", str(single), "--out", str(tmp_path / "from-file")]) == 0
+    assert main(["convert", str(single), "--dtype", "bfloat16", "--out", str(tmp_path / "from-file-bf16")]) == 0
+    assert read_json(tmp_path / "from-file-bf16" / "config.json")["model"] == read_json(tmp_path / "from-folder" / "config.json")["model"]
     for name in ("model.safetensors", "vae/model.safetensors"):
         a, b = read_tensors(tmp_path / "from-folder" / name), read_tensors(tmp_path / "from-file" / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name

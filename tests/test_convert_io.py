@@ -55,13 +55,15 @@ def test_pickles_are_refused_by_content_and_never_run(tmp_path):
 
 def test_safetensors_is_read_whatever_its_name_lazily_and_in_the_asked_dtype(tmp_path):
     path = tmp_path / "weights.bin"  # a safetensors file with a pickle's usual extension
-    save_file({"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "n": torch.tensor([1, 2])}, str(path))
+    save_file({"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "n": torch.tensor([1, 2]),
+               "scale_factor": torch.tensor(0.18215)}, str(path))
     assert sniff(path) == "safetensors"
     weights = open_weights(path, dtype=torch.bfloat16)
-    assert weights.shapes() == {"w": (2, 3), "n": (2,)}
+    assert weights.shapes() == {"w": (2, 3), "n": (2,), "scale_factor": ()}
     assert weights["w"].dtype == torch.bfloat16 and torch.equal(weights["w"].float(), torch.arange(6.0).reshape(2, 3))
     assert weights["n"].dtype == torch.int64  # integers stay as stored
-    assert sorted(weights) == ["n", "w"] and len(weights) == 2 and "w" in weights
+    assert weights["scale_factor"].dtype == torch.float32 and float(weights["scale_factor"]) == float(torch.tensor(0.18215))
+    assert sorted(weights) == ["n", "scale_factor", "w"] and len(weights) == 3 and "w" in weights
 
 
 def test_other_files_and_truncated_safetensors_get_one_line_errors(tmp_path):

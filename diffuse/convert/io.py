@@ -63,7 +63,8 @@ class LazyTensors(Mapping[str, torch.Tensor]):
     """A read-only ``{name: tensor}`` over one or more safetensors files; a tensor is read when indexed.
 
     ``dtype`` converts floating-point tensors as they are read (e.g. bf16 to halve memory); integer
-    tensors are returned as stored. ``shapes`` gives every tensor's shape without reading any data.
+    tensors and scalars (buffers such as a latent ``scale_factor``: converting them saves nothing and loses
+    digits) are returned as stored. ``shapes`` gives every tensor's shape without reading any data.
     """
 
     def __init__(self, paths: list[Path], dtype: Optional[torch.dtype] = None):
@@ -85,7 +86,7 @@ class LazyTensors(Mapping[str, torch.Tensor]):
 
     def __getitem__(self, key: str) -> torch.Tensor:
         tensor = self._files[self._where[key]].get_tensor(key)
-        if self.dtype is not None and tensor.is_floating_point() and tensor.dtype != self.dtype:
+        if self.dtype is not None and tensor.is_floating_point() and tensor.ndim and tensor.dtype != self.dtype:
             tensor = tensor.to(self.dtype)
         return tensor
 

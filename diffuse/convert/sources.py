@@ -106,8 +106,8 @@ def read_single_file(path: Path, dtype: Optional[torch.dtype] = None, prediction
     # other sizes (multiples of 64 pixels) are a --size away
     unet_config, unet_state = components["unet"]
     components["unet"] = ({"sample_size": 96 if family == "sd2" and prediction == "v" else 64, **unet_config}, unet_state)
-    # the file's own beta table when it carries one, else Stable Diffusion's
-    table = ldm.scheduler_config_from_ldm(weights) or {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
+    # the file's own beta table when it carries one (read as stored, not in ``dtype``), else Stable Diffusion's
+    table = ldm.scheduler_config_from_ldm(open_weights(Path(path))) or {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
                                                         "beta_start": 0.00085, "beta_end": 0.012}
     scheduler = {**table, "prediction_type": "epsilon" if prediction == "eps" else "v_prediction"}
     return Parts(components, scheduler, None, family, dict(SD_SAMPLING))
