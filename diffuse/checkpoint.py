@@ -95,16 +95,40 @@ def save_model_dir(out: Path, config: dict[str, Any], weights: dict[str, torch.T
     new one is complete.
     """
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"{out} already exists; choose another --out or pass --overwrite")
-    tmp = out.with_name(out.name + TMP_SUFFIX)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = staging_dir(out, overwrite)
+    try:
+        write_model_files(tmp, config, weights, dtype)
+        return replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_model_files(folder: Path, config: dict[str, Any], weights: dict[str, torch.Tensor],
+                      dtype: Optional[torch.dtype] = None) -> None:
+    """``model.safetensors`` (floating-point tensors in ``dtype`` when given) and ``config.json`` (with
+    ``format_version``) in the existing ``folder``."""
     if dtype is not None:
         weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
-    write_tensors(tmp / "model.safetensors", weights, metadata={"format": "pt"})
-    write_json(tmp / "config.json", {"format_version": FORMAT_VERSION, **config})
-    return replace_dir(tmp, out)
+    write_tensors(folder / "model.safetensors", weights, metadata={"format": "pt"})
+    write_json(folder / "config.json", {"format_version": FORMAT_VERSION, **config})
+
+
+def staging_dir(out: Path, overwrite: bool, tag: str = "") -> Path:
+    """A new empty folder beside ``out`` (named ``out`` + ``tag`` + the temporary suffix) to write into before
+    :func:`replace_dir` moves it to ``out``. ``out`` must not exist, unless ``overwrite`` and it is a folder
+    (a file is never replaced by a folder)."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"{out} already exists; choose another --out or pass --overwrite")
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out} is a file, and --overwrite replaces only folders; choose another --out")
+    tmp = out.with_name(out.name + tag + TMP_SUFFIX)
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        raise CheckpointError(f"cannot create {out}: {e.strerror}; choose another --out") from None
+    return tmp
 
 
 def replace_dir(tmp: Path, out: Path) -> Path:

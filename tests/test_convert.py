@@ -121,12 +121,25 @@ def test_bad_sources_are_one_line_errors_and_nothing_is_written(ddpm_folder, tmp
     assert main(["convert", str(ddpm_folder), "--out", str(tmp_path / "taken")]) == 2
     assert "already exists; choose another --out or pass --overwrite" in capsys.readouterr().err
     assert main(["convert", str(ddpm_folder), "--out", str(tmp_path / "taken"), "--overwrite"]) == 0
+    capsys.readouterr()
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    for out, words in ((notes, f"{notes} is a file, and --overwrite replaces only folders; choose another --out"),
+                       (notes / "model", f"cannot create {notes / 'model'}: Not a directory; choose another --out")):
+        assert main(["convert", str(ddpm_folder), "--out", str(out), "--overwrite"]) == 2
+        assert capsys.readouterr().err == f"error: {words}\n"
+    assert notes.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "model.safetensors", "notes.txt", "sdxl", "taken"]
 
 
-def test_our_own_models_are_not_exported_to_diffusers(tmp_path, capsys):
+def test_our_own_models_are_not_exported_to_diffusers(ddpm_folder, tmp_path, capsys):
     assert main(["convert", "digits", "--to", "diffusers", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert "only discrete DDPM-table U-Nets" in err and not (tmp_path / "x").exists()
+    assert main(["convert", str(ddpm_folder), "--to", "diffusers", "--out", str(tmp_path / "x")]) == 2
+    assert capsys.readouterr().err == (f"error: {ddpm_folder} is already a diffusers pipeline folder; --to diffusers "
+                                       "exports a model folder that `diffuse convert` wrote\n")
+    assert not (tmp_path / "x").exists()
 
 
 # ---------------------------------------------------------------- Stable Diffusion layout, tiny and random
@@ -221,3 +234,25 @@ def test_a_single_file_converts_to_the_same_model_as_its_diffusers_folder(sd_fol
     assert a["model"] == b["model"] and b["source"]["family"] == "sd1"
     for name in ("vocab.json", "merges.txt"):  # the folder's tokenizer files and open_clip's vocabulary agree
         assert (tmp_path / "from-folder" / "tokenizer" / name).read_text() == (tmp_path / "from-file" / "tokenizer" / name).read_text()
+
+
+def test_a_conversion_failing_midway_leaves_the_old_out_and_no_partial_folder(sd_folder, tmp_path, capsys):
+    """The VAE is written last: a VAE tensor of the wrong shape fails after model.safetensors is staged."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(sd_folder, broken)
+    vae_file = broken / "vae" / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(vae_file))
+    state["decoder.conv_out.weight"] = state["decoder.conv_out.weight"][..., :1].contiguous()
+    save_file(state, str(vae_file))
+    out = tmp_path / "ours"
+    out.mkdir()
+    (out / "old.txt").write_text("the old model")
+    assert main(["convert", str(broken), "--out", str(out), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "'decoder.conv_out.weight' has shape (3, 32, 3, 1)" in err
+    assert [p.name for p in out.iterdir()] == ["old.txt"] and (out / "old.txt").read_text() == "the old model"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "ours"]

@@ -28,6 +28,7 @@ from .sources import Parts, read_source
 
 TOKENIZER_SUBDIR = "tokenizer"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+STAGING = ".convert"  # --out is written as OUT.convert.incomplete, then moved
 
 
 def sigma_range(noise_table: dict[str, Any]) -> tuple[float, float]:
@@ -35,15 +36,6 @@ def sigma_range(noise_table: dict[str, Any]) -> tuple[float, float]:
 
     sigmas = schedules.sigma_from_alpha_bar(schedules.alphas_cumprod(schedules.table_betas(noise_table)))
     return float(sigmas[0]), float(sigmas[-1])
-
-
-def staging_dir(out: Path, overwrite: bool) -> Path:
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise checkpoint.CheckpointError(f"{out} already exists; choose another --out or pass --overwrite")
-    tmp = out.with_name(out.name + ".convert" + checkpoint.TMP_SUFFIX)
-    shutil.rmtree(tmp, ignore_errors=True)
-    return tmp
 
 
 def model_config(parts: Parts) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
@@ -116,12 +108,12 @@ def convert(src: Path, out: Path, *, dtype: str = "float32", prediction: Optiona
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     out = Path(out)
-    tmp = staging_dir(out, overwrite)
-    parts = read_source(Path(src), DTYPES[dtype], prediction)
-    cfg, weights = model_config(parts)
-    extra = {"sampling": parts.sampling, "source": {"converted_from": Path(src).name, "family": parts.family}}
+    tmp = checkpoint.staging_dir(out, overwrite, STAGING)
     try:
-        checkpoint.save_model_dir(tmp, {"model": dataclasses.asdict(cfg), **extra}, weights, dtype=DTYPES[dtype])
+        parts = read_source(Path(src), DTYPES[dtype], prediction)
+        cfg, weights = model_config(parts)
+        extra = {"sampling": parts.sampling, "source": {"converted_from": Path(src).name, "family": parts.family}}
+        checkpoint.write_model_files(tmp, {"model": dataclasses.asdict(cfg), **extra}, weights, dtype=DTYPES[dtype])
         if cfg.text_encoder == "clip":
             write_tokenizer(parts, tmp)
         if cfg.codec:
@@ -144,6 +136,9 @@ def export_diffusers(model_dir: Path, out: Path, *, overwrite: bool = False) -> 
     from ..pipeline import resolve_model
     from .unet import unet_config_to_diffusers, unet_state_to_diffusers
 
+    if (Path(model_dir) / "model_index.json").is_file():
+        raise UnsupportedModel(f"{model_dir} is already a diffusers pipeline folder; --to diffusers exports a model folder "
+                               f"that `diffuse convert` wrote")
     model_dir = resolve_model(model_dir)
     model, config = DiffusionModel.load(model_dir)
     cfg = model.cfg
@@ -152,8 +147,7 @@ def export_diffusers(model_dir: Path, out: Path, *, overwrite: bool = False) -> 
                                f"kind `diffuse convert` imports) have a diffusers pipeline")
     if cfg.conditioning == "text" and cfg.text_encoder != "clip":
         raise UnsupportedModel(f"{model_dir} has the {cfg.text_encoder!r} text encoder; diffusers pipelines need CLIP")
-    tmp = staging_dir(Path(out), overwrite)
-    tmp.mkdir(parents=True)
+    tmp = checkpoint.staging_dir(Path(out), overwrite, STAGING)
     try:
         state = model.state_dict()
         unet = model.denoiser.backbone.config
