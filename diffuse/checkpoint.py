@@ -40,6 +40,13 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """The process umask (reading it means setting it: it is put back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_json(path: Path, data: Any) -> None:
     """Write JSON to ``path`` (not atomic by itself; use inside an atomic folder or via atomic_write_json)."""
     with open(path, "w") as f:
@@ -49,8 +56,10 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: Optional[dict[str, str]] = None) -> None:
-    """Write a safetensors file and fsync it."""
+    """Write a safetensors file and fsync it; its permissions are those of any new file (the umask's), like the
+    JSON beside it (safetensors itself creates the file owner-only, 0600, which other users could not read)."""
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
+    os.chmod(path, 0o666 & ~_umask())
     with open(path, "rb") as f:
         os.fsync(f.fileno())
 
