@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from diffuse import schedules
 from diffuse.cli import main
@@ -78,6 +79,9 @@ def test_a_ddpm_pipeline_converts_and_samples_like_diffusers_ddim(ddpm_folder, t
         ours = ours_like_diffusers_ddim(model, x_vp, None, scheduler, 10)
     assert latents.abs().mean() > 0.1  # a real image, not a vanishing one
     torch.testing.assert_close(ours, latents, rtol=1e-3, atol=1e-4)
+    assert main(["generate", "--model", str(out), "--steps", "2", "--seed", "0-1", "--out", str(tmp_path / "img"), "--quiet"]) == 0
+    # an unconditional model's images are named after it (no class label)
+    assert {p.name: Image.open(p).size for p in (tmp_path / "img").iterdir()} == {"ours-s0.png": (8, 8), "ours-s1.png": (8, 8)}
 
 
 def exported_and_original(src: Path, tmp_path: Path):
