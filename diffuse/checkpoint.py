@@ -175,6 +175,16 @@ def weights_file(path: Path) -> Path:
     return file
 
 
+def check_shapes(path: Path, model: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]) -> None:
+    """Every stored tensor (name -> shape in ``shapes``) that the module (``model``, its state dict) has must have
+    its shape there: a one-line error naming the first that does not (load_state_dict would raise a long one)."""
+    wrong = [(k, shape) for k, shape in shapes.items() if k in model and tuple(model[k].shape) != tuple(shape)]
+    if wrong:
+        (key, shape), *_ = wrong
+        raise CheckpointError(f"{path}/model.safetensors does not match its config: {key} has shape {tuple(shape)}, "
+                              f"the config gives {tuple(model[key].shape)} ({len(wrong)} such tensors)")
+
+
 def load_model_dir(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Read a model folder's config and weights (float tensors come back as stored)."""
     config = load_model_config(path)
