@@ -113,6 +113,8 @@ def test_bad_sources_are_one_line_errors_and_nothing_is_written(ddpm_folder, tmp
         ([str(other)], "is SDXL (StableDiffusionXLPipeline)"),
         ([str(ddpm_folder / "unet")], "is a single diffusers component; give the pipeline folder"),
         ([str(tmp_path / "missing")], "does not exist"),
+        ([str(other.parent)], "has no model_index.json, so it is not a diffusers pipeline folder; give the folder that "
+                              "holds model_index.json, or a single-file .safetensors checkpoint"),
         ([str(ddpm_folder), "--prediction", "v"], "--prediction is for single-file checkpoints"),
     ]
     for args, words in cases:

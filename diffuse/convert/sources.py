@@ -65,7 +65,8 @@ def read_diffusers(folder: Path, dtype: Optional[torch.dtype] = None) -> Parts:
         if (folder / "config.json").is_file():
             raise UnsupportedModel(f"{folder} is a single diffusers component; give the pipeline folder above it (the one "
                                    f"with model_index.json), which also holds the scheduler")
-        raise UnsupportedModel(f"{folder} has no model_index.json; it is not a diffusers pipeline folder")
+        raise UnsupportedModel(f"{folder} has no model_index.json, so it is not a diffusers pipeline folder; give the "
+                               f"folder that holds model_index.json, or a single-file .safetensors checkpoint")
     index = read_json(index_file)
     name = index.get("_class_name", "")
     if name in KNOWN_OTHERS:
