@@ -441,8 +441,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     pipe = Pipeline.load(args.model)
     m = pipe.model.cfg
     params = sum(p.numel() for p in pipe.model.parameters())
+    size = f"{m.image_size}x{m.image_size}x{m.channels}"
+    if pipe.codec.factor > 1:  # a latent model: its native image size, then what the denoiser sees
+        native = m.image_size * pipe.codec.factor
+        size = f"{native}x{native} images ({size} latents, VAE factor {pipe.codec.factor})"
     print(f"model {pipe.name}: {m.backbone}, {params / 1e6:.2f}M parameters, {m.precond} parameterization, "
-          f"{m.image_size}x{m.image_size}x{m.channels}, sigma {m.sigma_min}..{m.sigma_max}, model hash {pipe.model_hash}")
+          f"{size}, sigma {m.sigma_min:.4g}..{m.sigma_max:.4g}, model hash {pipe.model_hash}")
     if m.conditioning == "class":
         print(f"class-conditional: labels 0..{m.num_classes - 1}")
     elif m.conditioning == "text" and m.text_encoder == "builtin":

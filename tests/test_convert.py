@@ -178,13 +178,17 @@ def sd_folder(tmp_path_factory) -> Path:
     return root / "pipeline"
 
 
-def test_a_stable_diffusion_pipeline_samples_like_diffusers_with_guidance(sd_folder, tmp_path):
+def test_a_stable_diffusion_pipeline_samples_like_diffusers_with_guidance(sd_folder, tmp_path, capsys):
     """Tokenizer, CLIP text encoder, U-Net, guidance, DDIM loop and VAE decode, end to end (within 1e-3)."""
     from diffuse.codec import VAECodec
     from diffuse.guidance import CFGDenoiser
 
     ours = tmp_path / "ours"
     assert main(["convert", str(sd_folder), "--out", str(ours)]) == 0
+    capsys.readouterr()
+    assert main(["info", str(ours)]) == 0
+    assert "4.04M parameters, discrete parameterization, 128x128 images (64x64x4 latents, VAE factor 2), " \
+           "sigma 0.02917..14.61" in capsys.readouterr().out
     model, config = DiffusionModel.load(ours)
     codec = VAECodec.load(ours / model.cfg.codec)
     assert model.cfg.text_encoder == "clip" and config["source"]["family"] == "sd1" and codec.scale == 0.18215
