@@ -615,7 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder to create")
     p.add_argument("--to", choices=["diffuse", "diffusers"], default="diffuse", help="what to write")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="storage dtype of the converted weights (bfloat16 halves the size)")
+                   help="storage dtype of the converted U-Net and text encoder (bfloat16 halves their size; the VAE stays float32)")
     p.add_argument("--prediction", choices=["eps", "v"],
                    help="what an SD 2.x single file predicts (512-base: eps, 768-v: v); SD 1.x files are eps")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")

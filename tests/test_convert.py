@@ -237,6 +237,9 @@ def test_a_single_file_converts_to_the_same_model_as_its_diffusers_folder(sd_fol
     assert main(["convert", str(single), "--out", str(tmp_path / "from-file")]) == 0
     assert main(["convert", str(single), "--dtype", "bfloat16", "--out", str(tmp_path / "from-file-bf16")]) == 0
     assert read_json(tmp_path / "from-file-bf16" / "config.json")["model"] == read_json(tmp_path / "from-folder" / "config.json")["model"]
+    dtypes = {name: {t.dtype for t in read_tensors(tmp_path / "from-file-bf16" / name).values()}
+              for name in ("model.safetensors", "vae/model.safetensors")}
+    assert dtypes == {"model.safetensors": {torch.bfloat16}, "vae/model.safetensors": {torch.float32}}
     for name in ("model.safetensors", "vae/model.safetensors"):
         a, b = read_tensors(tmp_path / "from-folder" / name), read_tensors(tmp_path / "from-file" / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name

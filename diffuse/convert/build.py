@@ -104,7 +104,8 @@ def write_tokenizer(parts: Parts, folder: Path) -> None:
 def convert(src: Path, out: Path, *, dtype: str = "float32", prediction: Optional[str] = None,
             overwrite: bool = False) -> Path:
     """Convert a diffusers pipeline folder or an SD 1.x/2.x single file into our model folder ``out``
-    (weights stored in ``dtype``: float32 or bfloat16). Nothing is written to ``out`` until it is complete."""
+    (U-Net and text-encoder weights stored in ``dtype``: float32 or bfloat16; the VAE, small and decoded in float32,
+    stays float32). Nothing is written to ``out`` until it is complete."""
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     out = Path(out)
