@@ -272,3 +272,6 @@ def test_build_from_model_folder_and_tokenizer_settings(folder, tmp_path, hf_tok
     hf = hf_tokenizer.from_pretrained(str(model_dir / "tokenizer"))
     want = hf(["a cat", ""], padding="max_length", max_length=77, return_tensors="pt").input_ids
     assert torch.equal(enc.tokenizer.windows(["a cat", ""])[:, 0], want)
+    (model_dir / "tokenizer" / "special_tokens_map.json").write_text("{oops")
+    with pytest.raises(ValueError, match=r"special_tokens_map.json is not valid JSON \(Expecting property name"):
+        clip_tokenizer_settings(model_dir / "tokenizer")

@@ -22,6 +22,7 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
+from ..checkpoint import read_json
 from ..clip import ACTIVATIONS, BOS_TOKEN, EOS_TOKEN, CLIPTextEncoder, CLIPTextTransformer
 from .errors import UnsupportedModel
 
@@ -136,7 +137,7 @@ def clip_tokenizer_settings(folder: Path | str) -> dict:
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
         f = folder / name
         if f.is_file():
-            value = json.loads(f.read_text(encoding="utf-8")).get("pad_token")
+            value = read_json(f).get("pad_token")
             if value is not None:
                 pad = value["content"] if isinstance(value, dict) else value
                 break
