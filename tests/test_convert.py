@@ -136,6 +136,12 @@ def test_bad_sources_are_one_line_errors_and_nothing_is_written(ddpm_folder, tmp
         assert capsys.readouterr().err == f"error: {words}\n"
     assert notes.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == [
         "model.safetensors", "notes.txt", "sdxl", "taken"]
+    for src, out in ((ddpm_folder, ddpm_folder), (ddpm_folder, ddpm_folder.parent), (tmp_path / "taken", tmp_path / "taken")):
+        to = ["--to", "diffusers"] if src == tmp_path / "taken" else []
+        assert main(["convert", str(src), *to, "--out", str(out), "--overwrite"]) == 2
+        assert capsys.readouterr().err == (f"error: --out {out} is or holds the source {src}; replacing it would delete "
+                                           "the source: choose another --out\n")
+    assert (ddpm_folder / "model_index.json").is_file() and (tmp_path / "taken" / "config.json").is_file()
 
 
 def test_our_own_models_are_not_exported_to_diffusers(ddpm_folder, tmp_path, capsys):

@@ -38,6 +38,13 @@ def sigma_range(noise_table: dict[str, Any]) -> tuple[float, float]:
     return float(sigmas[0]), float(sigmas[-1])
 
 
+def check_not_inside(src: Path, out: Path) -> None:
+    """Refuse an ``--out`` that is the source or holds it: --overwrite would delete the source with it."""
+    if Path(src).resolve().is_relative_to(Path(out).resolve()):
+        raise UnsupportedModel(f"--out {out} is or holds the source {src}; replacing it would delete the source: "
+                               f"choose another --out")
+
+
 def model_config(parts: Parts) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """Our ModelConfig and model.safetensors tensors (backbone + text encoder) for ``parts``."""
     from .unet import unet_config_from_diffusers, unet_state_from_diffusers
@@ -109,6 +116,7 @@ def convert(src: Path, out: Path, *, dtype: str = "float32", prediction: Optiona
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     out = Path(out)
+    check_not_inside(src, out)
     tmp = checkpoint.staging_dir(out, overwrite, STAGING)
     try:
         parts = read_source(Path(src), DTYPES[dtype], prediction)
@@ -141,6 +149,7 @@ def export_diffusers(model_dir: Path, out: Path, *, overwrite: bool = False) -> 
         raise UnsupportedModel(f"{model_dir} is already a diffusers pipeline folder; --to diffusers exports a model folder "
                                f"that `diffuse convert` wrote")
     model_dir = resolve_model(model_dir)
+    check_not_inside(model_dir, out)
     model, config = DiffusionModel.load(model_dir)
     cfg = model.cfg
     if cfg.precond != "discrete" or cfg.backbone != "unet":
