@@ -191,7 +191,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     keys = _provenance_options(pipe, args)
     settings = _sample_settings(pipe, args)
     out = _writable_folder(Path(args.out))
-    stem = _slug(args.prompt) if args.prompt else pipe.name if args.class_label is None else f"{pipe.name}-class{args.class_label}"
+    stem = _slug(args.prompt) if args.prompt else pipe.name  # unconditional models: just the model's name
+    if not args.prompt and args.class_label is not None:
+        stem += f"-class{args.class_label}"
     paths = [out / f"{stem}-s{seed}.png" for seed in seeds]
     grid_path = out / f"{stem}-grid.png"
     existing = [p for p in paths + ([grid_path] if args.grid else []) if p.exists()]
