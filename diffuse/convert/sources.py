@@ -43,7 +43,7 @@ class Parts:
 
     components: dict[str, tuple[dict[str, Any], Mapping[str, torch.Tensor]]]  # unet / vae / text_encoder
     scheduler: dict[str, Any]
-    tokenizer: Optional[Path] = None  # a CLIPTokenizer folder (vocab.json + merges.txt), when it came with one
+    tokenizer: Optional[Path] = None  # a CLIPTokenizer folder (vocab.json + merges.txt, or tokenizer.json), if any
     family: str = ""  # sd1 | sd2 | ddpm
     sampling: dict[str, Any] = field(default_factory=dict)  # default sampling settings for the model folder
 
