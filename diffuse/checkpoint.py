@@ -40,6 +40,13 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """The process umask (reading it means setting it: it is put back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_json(path: Path, data: Any) -> None:
     """Write JSON to ``path`` (not atomic by itself; use inside an atomic folder or via atomic_write_json)."""
     with open(path, "w") as f:
@@ -49,8 +56,10 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: Optional[dict[str, str]] = None) -> None:
-    """Write a safetensors file and fsync it."""
+    """Write a safetensors file and fsync it; its permissions are those of any new file (the umask's), like the
+    JSON beside it (safetensors itself creates the file owner-only, 0600, which other users could not read)."""
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
+    os.chmod(path, 0o666 & ~_umask())
     with open(path, "rb") as f:
         os.fsync(f.fileno())
 
@@ -95,16 +104,40 @@ def save_model_dir(out: Path, config: dict[str, Any], weights: dict[str, torch.T
     new one is complete.
     """
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"{out} already exists; choose another --out or pass --overwrite")
-    tmp = out.with_name(out.name + TMP_SUFFIX)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = staging_dir(out, overwrite)
+    try:
+        write_model_files(tmp, config, weights, dtype)
+        return replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_model_files(folder: Path, config: dict[str, Any], weights: dict[str, torch.Tensor],
+                      dtype: Optional[torch.dtype] = None) -> None:
+    """``model.safetensors`` (floating-point tensors in ``dtype`` when given) and ``config.json`` (with
+    ``format_version``) in the existing ``folder``."""
     if dtype is not None:
         weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
-    write_tensors(tmp / "model.safetensors", weights, metadata={"format": "pt"})
-    write_json(tmp / "config.json", {"format_version": FORMAT_VERSION, **config})
-    return replace_dir(tmp, out)
+    write_tensors(folder / "model.safetensors", weights, metadata={"format": "pt"})
+    write_json(folder / "config.json", {"format_version": FORMAT_VERSION, **config})
+
+
+def staging_dir(out: Path, overwrite: bool, tag: str = "") -> Path:
+    """A new empty folder beside ``out`` (named ``out`` + ``tag`` + the temporary suffix) to write into before
+    :func:`replace_dir` moves it to ``out``. ``out`` must not exist, unless ``overwrite`` and it is a folder
+    (a file is never replaced by a folder)."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"{out} already exists; choose another --out or pass --overwrite")
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out} is a file, and --overwrite replaces only folders; choose another --out")
+    tmp = out.with_name(out.name + tag + TMP_SUFFIX)
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        raise CheckpointError(f"cannot create {out}: {e.strerror}; choose another --out") from None
+    return tmp
 
 
 def replace_dir(tmp: Path, out: Path) -> Path:
@@ -140,6 +173,16 @@ def weights_file(path: Path) -> Path:
     if not file.is_file():
         raise CheckpointError(f"{file} does not exist")
     return file
+
+
+def check_shapes(path: Path, model: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]) -> None:
+    """Every stored tensor (name -> shape in ``shapes``) that the module (``model``, its state dict) has must have
+    its shape there: a one-line error naming the first that does not (load_state_dict would raise a long one)."""
+    wrong = [(k, shape) for k, shape in shapes.items() if k in model and tuple(model[k].shape) != tuple(shape)]
+    if wrong:
+        (key, shape), *_ = wrong
+        raise CheckpointError(f"{path}/model.safetensors does not match its config: {key} has shape {tuple(shape)}, "
+                              f"the config gives {tuple(model[key].shape)} ({len(wrong)} such tensors)")
 
 
 def load_model_dir(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

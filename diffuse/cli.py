@@ -191,7 +191,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     keys = _provenance_options(pipe, args)
     settings = _sample_settings(pipe, args)
     out = _writable_folder(Path(args.out))
-    stem = _slug(args.prompt) if args.prompt else f"{pipe.name}-class{args.class_label}"
+    stem = _slug(args.prompt) if args.prompt else pipe.name  # unconditional models: just the model's name
+    if not args.prompt and args.class_label is not None:
+        stem += f"-class{args.class_label}"
     paths = [out / f"{stem}-s{seed}.png" for seed in seeds]
     grid_path = out / f"{stem}-grid.png"
     existing = [p for p in paths + ([grid_path] if args.grid else []) if p.exists()]
@@ -441,8 +443,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     pipe = Pipeline.load(args.model)
     m = pipe.model.cfg
     params = sum(p.numel() for p in pipe.model.parameters())
+    size = f"{m.image_size}x{m.image_size}x{m.channels}"
+    if pipe.codec.factor > 1:  # a latent model: its native image size, then what the denoiser sees
+        native = m.image_size * pipe.codec.factor
+        size = f"{native}x{native} images ({size} latents, VAE factor {pipe.codec.factor})"
     print(f"model {pipe.name}: {m.backbone}, {params / 1e6:.2f}M parameters, {m.precond} parameterization, "
-          f"{m.image_size}x{m.image_size}x{m.channels}, sigma {m.sigma_min}..{m.sigma_max}, model hash {pipe.model_hash}")
+          f"{size}, sigma {m.sigma_min:.4g}..{m.sigma_max:.4g}, model hash {pipe.model_hash}")
     if m.conditioning == "class":
         print(f"class-conditional: labels 0..{m.num_classes - 1}")
     elif m.conditioning == "text" and m.text_encoder == "builtin":
@@ -611,7 +617,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder to create")
     p.add_argument("--to", choices=["diffuse", "diffusers"], default="diffuse", help="what to write")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="storage dtype of the converted weights (bfloat16 halves the size)")
+                   help="storage dtype of the converted U-Net and text encoder (bfloat16 halves their size; the VAE stays float32)")
     p.add_argument("--prediction", choices=["eps", "v"],
                    help="what an SD 2.x single file predicts (512-base: eps, 768-v: v); SD 1.x files are eps")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")

@@ -97,6 +97,7 @@ class VAECodec:
         if "vae" not in config or "latent" not in config:
             raise checkpoint.CheckpointError(f"{path}/config.json does not describe a diffuse VAE (needs 'vae' and 'latent')")
         vae = VAE(VAEConfig.from_dict(config["vae"]))
+        checkpoint.check_shapes(Path(path), vae.state_dict(), {k: tuple(v.shape) for k, v in weights.items()})
         missing, unexpected = vae.load_state_dict({k: v.float() for k, v in weights.items()}, strict=False)
         if missing or unexpected:
             raise checkpoint.CheckpointError(f"{path}/model.safetensors does not match its VAE config "

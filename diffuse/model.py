@@ -162,6 +162,7 @@ class DiffusionModel(nn.Module):
         weights = open_weights(checkpoint.weights_file(path))
         with torch.device("meta"):
             model = cls(cfg, root=path)
+        checkpoint.check_shapes(path, model.state_dict(), weights.shapes())
 
         def dtype(key: str, tensor: torch.Tensor) -> torch.dtype:
             keep = keep_bf16 and tensor.dtype == torch.bfloat16 and key.startswith("denoiser.backbone.")

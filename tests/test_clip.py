@@ -246,6 +246,8 @@ def test_unsupported_models_are_named(folder):
     assert clip_state_from_transformers(prefixless, ours) == clip_state_from_transformers(state, ours)
     with pytest.raises(UnsupportedModel, match="projection"):
         clip_state_from_transformers({**state, "text_projection.weight": torch.zeros(32, 32)}, ours)
+    with pytest.raises(UnsupportedModel, match=r"layers.1.layer_norm1.weight has shape \(33,\), the config gives \(32,\)"):
+        clip_state_from_transformers({**state, "text_model.encoder.layers.1.layer_norm1.weight": torch.ones(33)}, ours)
     del state["text_model.encoder.layers.2.mlp.fc2.bias"]
     with pytest.raises(UnsupportedModel, match="missing .*layers.2.mlp.fc2.bias"):
         clip_state_from_transformers(state, ours)
@@ -270,3 +272,6 @@ def test_build_from_model_folder_and_tokenizer_settings(folder, tmp_path, hf_tok
     hf = hf_tokenizer.from_pretrained(str(model_dir / "tokenizer"))
     want = hf(["a cat", ""], padding="max_length", max_length=77, return_tensors="pt").input_ids
     assert torch.equal(enc.tokenizer.windows(["a cat", ""])[:, 0], want)
+    (model_dir / "tokenizer" / "special_tokens_map.json").write_text("{oops")
+    with pytest.raises(ValueError, match=r"special_tokens_map.json is not valid JSON \(Expecting property name"):
+        clip_tokenizer_settings(model_dir / "tokenizer")

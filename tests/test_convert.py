@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from diffuse import schedules
 from diffuse.cli import main
@@ -78,6 +79,9 @@ def test_a_ddpm_pipeline_converts_and_samples_like_diffusers_ddim(ddpm_folder, t
         ours = ours_like_diffusers_ddim(model, x_vp, None, scheduler, 10)
     assert latents.abs().mean() > 0.1  # a real image, not a vanishing one
     torch.testing.assert_close(ours, latents, rtol=1e-3, atol=1e-4)
+    assert main(["generate", "--model", str(out), "--steps", "2", "--seed", "0-1", "--out", str(tmp_path / "img"), "--quiet"]) == 0
+    # an unconditional model's images are named after it (no class label)
+    assert {p.name: Image.open(p).size for p in (tmp_path / "img").iterdir()} == {"ours-s0.png": (8, 8), "ours-s1.png": (8, 8)}
 
 
 def exported_and_original(src: Path, tmp_path: Path):
@@ -109,6 +113,8 @@ def test_bad_sources_are_one_line_errors_and_nothing_is_written(ddpm_folder, tmp
         ([str(other)], "is SDXL (StableDiffusionXLPipeline)"),
         ([str(ddpm_folder / "unet")], "is a single diffusers component; give the pipeline folder"),
         ([str(tmp_path / "missing")], "does not exist"),
+        ([str(other.parent)], "has no model_index.json, so it is not a diffusers pipeline folder; give the folder that "
+                              "holds model_index.json, or a single-file .safetensors checkpoint"),
         ([str(ddpm_folder), "--prediction", "v"], "--prediction is for single-file checkpoints"),
     ]
     for args, words in cases:
@@ -121,12 +127,31 @@ def test_bad_sources_are_one_line_errors_and_nothing_is_written(ddpm_folder, tmp
     assert main(["convert", str(ddpm_folder), "--out", str(tmp_path / "taken")]) == 2
     assert "already exists; choose another --out or pass --overwrite" in capsys.readouterr().err
     assert main(["convert", str(ddpm_folder), "--out", str(tmp_path / "taken"), "--overwrite"]) == 0
+    capsys.readouterr()
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    for out, words in ((notes, f"{notes} is a file, and --overwrite replaces only folders; choose another --out"),
+                       (notes / "model", f"cannot create {notes / 'model'}: Not a directory; choose another --out")):
+        assert main(["convert", str(ddpm_folder), "--out", str(out), "--overwrite"]) == 2
+        assert capsys.readouterr().err == f"error: {words}\n"
+    assert notes.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "model.safetensors", "notes.txt", "sdxl", "taken"]
+    for src, out in ((ddpm_folder, ddpm_folder), (ddpm_folder, ddpm_folder.parent), (tmp_path / "taken", tmp_path / "taken")):
+        to = ["--to", "diffusers"] if src == tmp_path / "taken" else []
+        assert main(["convert", str(src), *to, "--out", str(out), "--overwrite"]) == 2
+        assert capsys.readouterr().err == (f"error: --out {out} is or holds the source {src}; replacing it would delete "
+                                           "the source: choose another --out\n")
+    assert (ddpm_folder / "model_index.json").is_file() and (tmp_path / "taken" / "config.json").is_file()
 
 
-def test_our_own_models_are_not_exported_to_diffusers(tmp_path, capsys):
+def test_our_own_models_are_not_exported_to_diffusers(ddpm_folder, tmp_path, capsys):
     assert main(["convert", "digits", "--to", "diffusers", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert "only discrete DDPM-table U-Nets" in err and not (tmp_path / "x").exists()
+    assert main(["convert", str(ddpm_folder), "--to", "diffusers", "--out", str(tmp_path / "x")]) == 2
+    assert capsys.readouterr().err == (f"error: {ddpm_folder} is already a diffusers pipeline folder; --to diffusers "
+                                       "exports a model folder that `diffuse convert` wrote\n")
+    assert not (tmp_path / "x").exists()
 
 
 # ---------------------------------------------------------------- Stable Diffusion layout, tiny and random
@@ -159,13 +184,17 @@ def sd_folder(tmp_path_factory) -> Path:
     return root / "pipeline"
 
 
-def test_a_stable_diffusion_pipeline_samples_like_diffusers_with_guidance(sd_folder, tmp_path):
+def test_a_stable_diffusion_pipeline_samples_like_diffusers_with_guidance(sd_folder, tmp_path, capsys):
     """Tokenizer, CLIP text encoder, U-Net, guidance, DDIM loop and VAE decode, end to end (within 1e-3)."""
     from diffuse.codec import VAECodec
     from diffuse.guidance import CFGDenoiser
 
     ours = tmp_path / "ours"
     assert main(["convert", str(sd_folder), "--out", str(ours)]) == 0
+    capsys.readouterr()
+    assert main(["info", str(ours)]) == 0
+    assert "4.04M parameters, discrete parameterization, 128x128 images (64x64x4 latents, VAE factor 2), " \
+           "sigma 0.02917..14.61" in capsys.readouterr().out
     model, config = DiffusionModel.load(ours)
     codec = VAECodec.load(ours / model.cfg.codec)
     assert model.cfg.text_encoder == "clip" and config["source"]["family"] == "sd1" and codec.scale == 0.18215
@@ -207,9 +236,16 @@ def test_a_single_file_converts_to_the_same_model_as_its_diffusers_folder(sd_fol
 
     parts = read_diffusers(sd_folder)
     single = tmp_path / "tiny-sd1.safetensors"
-    save_file({k: v.contiguous() for k, v in ldm.diffusers_to_ldm(parts.components, "sd1").items()}, str(single))
+    state = {k: v.contiguous() for k, v in ldm.diffusers_to_ldm(parts.components, "sd1").items()}
+    state["betas"] = schedules.betas_scaled_linear(1000).half()  # the noise table as a half-precision file keeps it
+    save_file(state, str(single))
     assert main(["convert", str(sd_folder), "--out", str(tmp_path / "from-folder")]) == 0
     assert main(["convert", str(single), "--out", str(tmp_path / "from-file")]) == 0
+    assert main(["convert", str(single), "--dtype", "bfloat16", "--out", str(tmp_path / "from-file-bf16")]) == 0
+    assert read_json(tmp_path / "from-file-bf16" / "config.json")["model"] == read_json(tmp_path / "from-folder" / "config.json")["model"]
+    dtypes = {name: {t.dtype for t in read_tensors(tmp_path / "from-file-bf16" / name).values()}
+              for name in ("model.safetensors", "vae/model.safetensors")}
+    assert dtypes == {"model.safetensors": {torch.bfloat16}, "vae/model.safetensors": {torch.float32}}
     for name in ("model.safetensors", "vae/model.safetensors"):
         a, b = read_tensors(tmp_path / "from-folder" / name), read_tensors(tmp_path / "from-file" / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
@@ -217,3 +253,25 @@ def test_a_single_file_converts_to_the_same_model_as_its_diffusers_folder(sd_fol
     assert a["model"] == b["model"] and b["source"]["family"] == "sd1"
     for name in ("vocab.json", "merges.txt"):  # the folder's tokenizer files and open_clip's vocabulary agree
         assert (tmp_path / "from-folder" / "tokenizer" / name).read_text() == (tmp_path / "from-file" / "tokenizer" / name).read_text()
+
+
+def test_a_conversion_failing_midway_leaves_the_old_out_and_no_partial_folder(sd_folder, tmp_path, capsys):
+    """The VAE is written last: a VAE tensor of the wrong shape fails after model.safetensors is staged."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(sd_folder, broken)
+    vae_file = broken / "vae" / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(vae_file))
+    state["decoder.conv_out.weight"] = state["decoder.conv_out.weight"][..., :1].contiguous()
+    save_file(state, str(vae_file))
+    out = tmp_path / "ours"
+    out.mkdir()
+    (out / "old.txt").write_text("the old model")
+    assert main(["convert", str(broken), "--out", str(out), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "'decoder.conv_out.weight' has shape (3, 32, 3, 1)" in err
+    assert [p.name for p in out.iterdir()] == ["old.txt"] and (out / "old.txt").read_text() == "the old model"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "ours"]

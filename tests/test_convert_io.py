@@ -55,13 +55,15 @@ def test_pickles_are_refused_by_content_and_never_run(tmp_path):
 
 def test_safetensors_is_read_whatever_its_name_lazily_and_in_the_asked_dtype(tmp_path):
     path = tmp_path / "weights.bin"  # a safetensors file with a pickle's usual extension
-    save_file({"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "n": torch.tensor([1, 2])}, str(path))
+    save_file({"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "n": torch.tensor([1, 2]),
+               "scale_factor": torch.tensor(0.18215)}, str(path))
     assert sniff(path) == "safetensors"
     weights = open_weights(path, dtype=torch.bfloat16)
-    assert weights.shapes() == {"w": (2, 3), "n": (2,)}
+    assert weights.shapes() == {"w": (2, 3), "n": (2,), "scale_factor": ()}
     assert weights["w"].dtype == torch.bfloat16 and torch.equal(weights["w"].float(), torch.arange(6.0).reshape(2, 3))
     assert weights["n"].dtype == torch.int64  # integers stay as stored
-    assert sorted(weights) == ["n", "w"] and len(weights) == 2 and "w" in weights
+    assert weights["scale_factor"].dtype == torch.float32 and float(weights["scale_factor"]) == float(torch.tensor(0.18215))
+    assert sorted(weights) == ["n", "scale_factor", "w"] and len(weights) == 3 and "w" in weights
 
 
 def test_other_files_and_truncated_safetensors_get_one_line_errors(tmp_path):
@@ -69,6 +71,9 @@ def test_other_files_and_truncated_safetensors_get_one_line_errors(tmp_path):
     text.write_text("hello")
     with pytest.raises(UnsupportedModel, match="not a safetensors file"):
         open_weights(text)
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    with pytest.raises(UnsupportedModel, match=r"empty.safetensors is empty \(0 bytes\): an unfinished download"):
+        open_weights(tmp_path / "empty.safetensors")
     good = tmp_path / "good.safetensors"
     save_file({"w": torch.zeros(64, 64)}, str(good))
     cut = tmp_path / "cut.safetensors"
@@ -86,6 +91,18 @@ def test_sharded_index_and_component_folders(tmp_path):
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     weights = find_weights(tmp_path, "model")
     assert weights.shapes() == {"a": (2,), "b": (3,)} and torch.equal(weights["b"], torch.zeros(3))
+    variant = tmp_path / "text_encoder"  # the Hub's fp16 files alone, single and sharded
+    variant.mkdir()
+    save_file({"a": torch.ones(2, dtype=torch.float16)}, str(variant / "model.fp16.safetensors"))
+    assert torch.equal(find_weights(variant, "model", torch.float32)["a"], torch.ones(2))
+    (variant / "model.fp16.safetensors").rename(variant / "model.fp16-00001-of-00001.safetensors")
+    index["weight_map"] = {"a": "model.fp16-00001-of-00001.safetensors"}
+    (variant / "model.safetensors.index.fp16.json").write_text(json.dumps(index))
+    assert find_weights(variant, "model").shapes() == {"a": (2,)}
+    save_file({"a": torch.ones(2)}, str(variant / "model.non_ema.safetensors"))
+    with pytest.raises(UnsupportedModel, match="has no model.safetensors but the variants model.non_ema.safetensors, "
+                                               "model.safetensors.index.fp16.json; keep one variant's files"):
+        find_weights(variant, "model")
     only_pickle = tmp_path / "unet"
     only_pickle.mkdir()
     torch.save({"w": torch.zeros(1)}, only_pickle / "diffusion_pytorch_model.bin")

@@ -266,8 +266,13 @@ def test_extra_keys_are_ignored_and_not_read(parts, family, single):
     (betas_linear(1000), {"beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02}),
 ])
 def test_scheduler_config_names_the_stored_table(table, want):
-    assert scheduler_config_from_ldm({"betas": table.float()}) == {"num_train_timesteps": 1000, **want}
-    assert scheduler_config_from_ldm({"alphas_cumprod": torch.cumprod(1 - table, 0)}) == {"num_train_timesteps": 1000, **want}
+    for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):  # SD's float32 buffers, half files
+        assert scheduler_config_from_ldm({"betas": table.to(dtype)}) == {"num_train_timesteps": 1000, **want}, dtype
+    for dtype in (torch.float64, torch.float32):
+        abar = torch.cumprod(1 - table, 0).to(dtype)
+        assert scheduler_config_from_ldm({"alphas_cumprod": abar}) == {"num_train_timesteps": 1000, **want}, dtype
+    other = scheduler_config_from_ldm({"betas": betas_scaled_linear(1000, 0.00085, 0.0125).half()})
+    assert other == {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.0125}
 
 
 def test_scheduler_config_other_table_and_none():

@@ -5,6 +5,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from diffuse.pipeline import Pipeline, SampleSettings
@@ -101,6 +102,22 @@ def test_missing_model_and_unwritable_output(text_model, tmp_path):
     blocker.write_text("x")
     r = _generate("a red circle", "--model", str(text_model), "--out", str(blocker / "sub"), "--quiet")
     assert r.returncode == 2 and "cannot create output folder" in r.stderr
+
+
+def test_weights_of_another_shape_than_the_config_are_a_one_line_error(text_model, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "edited"
+    shutil.copytree(text_model, folder)
+    state = load_file(str(folder / "model.safetensors"))
+    key = next(k for k, v in state.items() if v.ndim == 1)
+    state[key] = torch.zeros(state[key].shape[0] + 1)
+    save_file(state, str(folder / "model.safetensors"))
+    r = _generate("a red circle", "--model", str(folder), "--out", str(tmp_path / "out"), "--quiet")
+    want = f"does not match its config: {key} has shape ({state[key].shape[0]},), the config gives ({state[key].shape[0] - 1},)"
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and want in r.stderr, r.stderr
 
 
 def test_a_model_ships_a_guidance_interval_that_flags_override_and_records_keep(tiny_text_model, tmp_path):

@@ -142,6 +142,12 @@ def test_export_writes_a_loadable_model_folder(tmp_path):
     assert config["training"]["step"] == 5
     with pytest.raises(checkpoint.CheckpointError, match="already exists"):
         export_run(tmp_path / "run", tmp_path / "model")
+    umask = os.umask(0o027)
+    try:  # weights get the umask's permissions, as the JSON does (safetensors alone makes them 0600)
+        out = export_run(tmp_path / "run", tmp_path / "shared", overwrite=True)
+    finally:
+        os.umask(umask)
+    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == {"config.json": 0o640, "model.safetensors": 0o640}
 
 
 @pytest.mark.timeout(300)

@@ -6,7 +6,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
+from diffuse.checkpoint import CheckpointError
 from diffuse.codec import VAECodec, decode_tiled, latent_stats
 from diffuse.data import make_dataset
 from diffuse.nn.vae import VAE, DiagonalGaussian, VAEConfig, psnr, vae_loss
@@ -84,6 +86,11 @@ def test_save_load_round_trip_is_exact(tmp_path):
     assert torch.equal(again.decode(codec.encode(x)), codec.decode(codec.encode(x)))
     with pytest.raises(Exception, match="already exists"):
         codec.save(tmp_path / "vae")
+    state = load_file(str(tmp_path / "vae" / "model.safetensors"))
+    state["decoder.conv_out.bias"] = torch.zeros(4)
+    save_file(state, str(tmp_path / "vae" / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"decoder.conv_out.bias has shape \(4,\), the config gives \(3,\)"):
+        VAECodec.load(tmp_path / "vae")
 
 
 def relative_max_error(tiled: torch.Tensor, whole: torch.Tensor) -> float:

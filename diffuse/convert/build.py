@@ -28,6 +28,7 @@ from .sources import Parts, read_source
 
 TOKENIZER_SUBDIR = "tokenizer"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+STAGING = ".convert"  # --out is written as OUT.convert.incomplete, then moved
 
 
 def sigma_range(noise_table: dict[str, Any]) -> tuple[float, float]:
@@ -37,13 +38,11 @@ def sigma_range(noise_table: dict[str, Any]) -> tuple[float, float]:
     return float(sigmas[0]), float(sigmas[-1])
 
 
-def staging_dir(out: Path, overwrite: bool) -> Path:
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise checkpoint.CheckpointError(f"{out} already exists; choose another --out or pass --overwrite")
-    tmp = out.with_name(out.name + ".convert" + checkpoint.TMP_SUFFIX)
-    shutil.rmtree(tmp, ignore_errors=True)
-    return tmp
+def check_not_inside(src: Path, out: Path) -> None:
+    """Refuse an ``--out`` that is the source or holds it: --overwrite would delete the source with it."""
+    if Path(src).resolve().is_relative_to(Path(out).resolve()):
+        raise UnsupportedModel(f"--out {out} is or holds the source {src}; replacing it would delete the source: "
+                               f"choose another --out")
 
 
 def model_config(parts: Parts) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
@@ -112,16 +111,18 @@ def write_tokenizer(parts: Parts, folder: Path) -> None:
 def convert(src: Path, out: Path, *, dtype: str = "float32", prediction: Optional[str] = None,
             overwrite: bool = False) -> Path:
     """Convert a diffusers pipeline folder or an SD 1.x/2.x single file into our model folder ``out``
-    (weights stored in ``dtype``: float32 or bfloat16). Nothing is written to ``out`` until it is complete."""
+    (U-Net and text-encoder weights stored in ``dtype``: float32 or bfloat16; the VAE, small and decoded in float32,
+    stays float32). Nothing is written to ``out`` until it is complete."""
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     out = Path(out)
-    tmp = staging_dir(out, overwrite)
-    parts = read_source(Path(src), DTYPES[dtype], prediction)
-    cfg, weights = model_config(parts)
-    extra = {"sampling": parts.sampling, "source": {"converted_from": Path(src).name, "family": parts.family}}
+    check_not_inside(src, out)
+    tmp = checkpoint.staging_dir(out, overwrite, STAGING)
     try:
-        checkpoint.save_model_dir(tmp, {"model": dataclasses.asdict(cfg), **extra}, weights, dtype=DTYPES[dtype])
+        parts = read_source(Path(src), DTYPES[dtype], prediction)
+        cfg, weights = model_config(parts)
+        extra = {"sampling": parts.sampling, "source": {"converted_from": Path(src).name, "family": parts.family}}
+        checkpoint.write_model_files(tmp, {"model": dataclasses.asdict(cfg), **extra}, weights, dtype=DTYPES[dtype])
         if cfg.text_encoder == "clip":
             write_tokenizer(parts, tmp)
         if cfg.codec:
@@ -144,7 +145,11 @@ def export_diffusers(model_dir: Path, out: Path, *, overwrite: bool = False) -> 
     from ..pipeline import resolve_model
     from .unet import unet_config_to_diffusers, unet_state_to_diffusers
 
+    if (Path(model_dir) / "model_index.json").is_file():
+        raise UnsupportedModel(f"{model_dir} is already a diffusers pipeline folder; --to diffusers exports a model folder "
+                               f"that `diffuse convert` wrote")
     model_dir = resolve_model(model_dir)
+    check_not_inside(model_dir, out)
     model, config = DiffusionModel.load(model_dir)
     cfg = model.cfg
     if cfg.precond != "discrete" or cfg.backbone != "unet":
@@ -152,8 +157,7 @@ def export_diffusers(model_dir: Path, out: Path, *, overwrite: bool = False) -> 
                                f"kind `diffuse convert` imports) have a diffusers pipeline")
     if cfg.conditioning == "text" and cfg.text_encoder != "clip":
         raise UnsupportedModel(f"{model_dir} has the {cfg.text_encoder!r} text encoder; diffusers pipelines need CLIP")
-    tmp = staging_dir(Path(out), overwrite)
-    tmp.mkdir(parents=True)
+    tmp = checkpoint.staging_dir(Path(out), overwrite, STAGING)
     try:
         state = model.state_dict()
         unet = model.denoiser.backbone.config

@@ -19,9 +19,11 @@ import json
 from pathlib import Path
 from typing import Mapping
 
+import torch
 from torch import Tensor
 
-from ..clip import ACTIVATIONS, BOS_TOKEN, EOS_TOKEN, CLIPTextEncoder
+from ..checkpoint import read_json
+from ..clip import ACTIVATIONS, BOS_TOKEN, EOS_TOKEN, CLIPTextEncoder, CLIPTextTransformer
 from .errors import UnsupportedModel
 
 PREFIX = "text_model."
@@ -81,10 +83,20 @@ def _key_pairs(depth: int) -> list[tuple[str, str]]:
     return pairs
 
 
+def _our_shapes(c: dict) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of our encoder's ``state_dict()`` for the full config ``c``, built on the meta device (no memory)."""
+    with torch.device("meta"):
+        net = CLIPTextTransformer(c["vocab_size"], c["dim"], c["depth"], c["num_heads"], c["mlp_dim"], c["activation"],
+                                  c["max_length"], c["layer_norm_eps"], c["skip_last_layers"])
+    return {f"transformer.{k}": tuple(v.shape) for k, v in net.state_dict().items()}
+
+
 def clip_state_from_transformers(state: Mapping[str, Tensor], text_config: dict) -> dict[str, Tensor]:
-    """transformers CLIPTextModel state (keys with or without ``text_model.``) -> our CLIPTextEncoder state."""
+    """transformers CLIPTextModel state (keys with or without ``text_model.``) -> our CLIPTextEncoder state;
+    every tensor must have the shape the config gives it."""
     prefix = PREFIX if any(k.startswith(PREFIX) for k in state) else ""
-    pairs = _key_pairs({**_our_defaults(), **text_config}["depth"])
+    c = {**_our_defaults(), **text_config}
+    pairs = _key_pairs(c["depth"])
     wanted = {prefix + theirs for _, theirs in pairs}
     extra = sorted(k for k in state if k not in wanted and not k.endswith("position_ids"))
     if any("projection" in k for k in extra):
@@ -97,7 +109,13 @@ def clip_state_from_transformers(state: Mapping[str, Tensor], text_config: dict)
     if missing:
         raise UnsupportedModel(f"CLIP text encoder weights are missing {missing[:3]} ({len(missing)} in all); "
                                "the weights do not match a CLIPTextModel with this config")
-    return {ours: state[prefix + theirs] for ours, theirs in pairs}
+    shapes = _our_shapes(c)
+    out = {ours: state[prefix + theirs] for ours, theirs in pairs}
+    for (ours, theirs), tensor in zip(pairs, out.values()):
+        if tuple(tensor.shape) != shapes[ours]:
+            raise UnsupportedModel(f"CLIP text encoder tensor {prefix + theirs} has shape {tuple(tensor.shape)}, the config "
+                                   f"gives {shapes[ours]}; the weights do not belong to this config")
+    return out
 
 
 def clip_state_to_transformers(state: Mapping[str, Tensor], text_config: dict) -> dict[str, Tensor]:
@@ -119,7 +137,7 @@ def clip_tokenizer_settings(folder: Path | str) -> dict:
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
         f = folder / name
         if f.is_file():
-            value = json.loads(f.read_text(encoding="utf-8")).get("pad_token")
+            value = read_json(f).get("pad_token")
             if value is not None:
                 pad = value["content"] if isinstance(value, dict) else value
                 break

@@ -12,6 +12,7 @@ multi-gigabyte checkpoint is never held twice in memory.
 from __future__ import annotations
 
 import json
+import re
 import struct
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -49,6 +50,8 @@ def check_safetensors(path: Path) -> Path:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
+    if path.stat().st_size == 0:
+        raise UnsupportedModel(f"{path} is empty (0 bytes): an unfinished download or copy; fetch it again")
     kind = sniff(path)
     if kind == "safetensors":
         return path
@@ -63,7 +66,8 @@ class LazyTensors(Mapping[str, torch.Tensor]):
     """A read-only ``{name: tensor}`` over one or more safetensors files; a tensor is read when indexed.
 
     ``dtype`` converts floating-point tensors as they are read (e.g. bf16 to halve memory); integer
-    tensors are returned as stored. ``shapes`` gives every tensor's shape without reading any data.
+    tensors and scalars (buffers such as a latent ``scale_factor``: converting them saves nothing and loses
+    digits) are returned as stored. ``shapes`` gives every tensor's shape without reading any data.
     """
 
     def __init__(self, paths: list[Path], dtype: Optional[torch.dtype] = None):
@@ -85,7 +89,7 @@ class LazyTensors(Mapping[str, torch.Tensor]):
 
     def __getitem__(self, key: str) -> torch.Tensor:
         tensor = self._files[self._where[key]].get_tensor(key)
-        if self.dtype is not None and tensor.is_floating_point() and tensor.dtype != self.dtype:
+        if self.dtype is not None and tensor.is_floating_point() and tensor.ndim and tensor.dtype != self.dtype:
             tensor = tensor.to(self.dtype)
         return tensor
 
@@ -103,9 +107,10 @@ class LazyTensors(Mapping[str, torch.Tensor]):
 
 
 def open_weights(path: Path, dtype: Optional[torch.dtype] = None) -> LazyTensors:
-    """Lazy tensors of a safetensors file, or of a sharded set given by its ``*.safetensors.index.json``."""
+    """Lazy tensors of a safetensors file, or of a sharded set given by its ``*.safetensors.index.json`` (or a
+    variant's ``*.safetensors.index.VARIANT.json``)."""
     path = Path(path)
-    if path.name.endswith(".safetensors.index.json"):
+    if ".safetensors.index." in path.name and path.name.endswith(".json"):
         weight_map = json.loads(path.read_text()).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise UnsupportedModel(f"{path} has no 'weight_map'; it is not a sharded safetensors index")
@@ -116,13 +121,23 @@ def open_weights(path: Path, dtype: Optional[torch.dtype] = None) -> LazyTensors
 def find_weights(folder: Path, stem: str, dtype: Optional[torch.dtype] = None) -> LazyTensors:
     """The weights of one diffusers/transformers component folder (``stem`` = diffusion_pytorch_model or model).
 
-    Looks for ``STEM.safetensors`` or its sharded index; a folder that has only pickle weights
-    (``.bin``, ``.ckpt``, ``.pt``) gets the pickle explanation, naming the file.
+    Looks for ``STEM.safetensors`` or its sharded index, else for the one variant the folder holds
+    (``STEM.fp16.safetensors``, or its index ``STEM.safetensors.index.fp16.json``: what a download of the Hub's
+    fp16 files alone leaves; ``dtype`` converts it as read). A folder that has only pickle weights (``.bin``,
+    ``.ckpt``, ``.pt``) gets the pickle explanation, naming the file.
     """
     folder = Path(folder)
     for name in (f"{stem}.safetensors", f"{stem}.safetensors.index.json"):
         if (folder / name).is_file():
             return open_weights(folder / name, dtype)
+    variant = re.compile(rf"{re.escape(stem)}\.(?:(\w+)\.safetensors|safetensors\.index\.(\w+)\.json)")
+    found = {p.name: m.group(1) or m.group(2) for p in folder.glob(f"{stem}.*") if (m := variant.fullmatch(p.name))}
+    if len(set(found.values())) == 1:
+        index = [name for name in found if name.endswith(".json")]
+        return open_weights(folder / (index or list(found))[0], dtype)
+    if found:
+        raise UnsupportedModel(f"{folder} has no {stem}.safetensors but the variants {', '.join(sorted(found))}; keep "
+                               f"one variant's files (or add {stem}.safetensors)")
     pickles = sorted(p.name for p in folder.glob("*") if p.suffix in (".bin", ".ckpt", ".pt", ".pth"))
     if pickles:
         raise UnsupportedModel(f"{folder} has only pickle weights ({pickles[0]}); {PICKLE_HINT}")

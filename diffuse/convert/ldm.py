@@ -28,6 +28,7 @@ are; loaders that build the whole tower load them non-strictly, the unused last 
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
 import torch
@@ -303,17 +304,30 @@ def diffusers_to_ldm(parts: Mapping[str, tuple[Mapping[str, Any], Mapping[str, T
 def scheduler_config_from_ldm(state: Mapping[str, Tensor]) -> dict[str, Any] | None:
     """The noise table a single file stores (latent-diffusion's ``betas``, else ``alphas_cumprod`` buffers), as
     diffusers scheduler config entries: a named beta schedule when one reproduces it, else ``trained_betas``;
-    None when the file has neither. The prediction type (eps, or v for SD 2.x 768 models) is not in the file."""
+    None when the file has neither. The prediction type (eps, or v for SD 2.x 768 models) is not in the file.
+
+    The table is judged at the precision it is stored in (``state`` must give it as stored): latent-diffusion
+    computes it in float64 and keeps float32 buffers, half-precision files round it to float16 or bfloat16. A named
+    schedule matches when it equals the stored table to a few units of that precision, its ``beta_start`` /
+    ``beta_end`` read off the stored first and last beta to the digits the precision carries."""
     if "betas" in state:
-        betas = state["betas"].to(torch.float64)
+        stored = state["betas"]
+        betas = stored.to(torch.float64)
     elif "alphas_cumprod" in state:
-        abar = state["alphas_cumprod"].to(torch.float64)
+        stored = state["alphas_cumprod"]
+        abar = stored.to(torch.float64)
         betas = 1 - abar / torch.cat([abar.new_ones(1), abar[:-1]])
     else:
         return None
-    steps, abar = betas.shape[0], schedules.alphas_cumprod(betas)
-    start, end = (float(f"{float(b):.6g}") for b in (betas[0], betas[-1]))
+    eps = torch.finfo(stored.dtype).eps
+    # relative precision of the first beta: the stored value's, or, from 1 - abar_0, abar's spacing near 1 over it
+    precision = eps if "betas" in state else eps / max(float(betas[0]), eps)
+    digits = max(1, min(6, int(-math.log10(precision))))
+    steps = betas.shape[0]
+    start, end = (float(f"{float(b):.{digits}g}") for b in (betas[0], betas[-1]))
     for name in ("scaled_linear", "linear"):
-        if torch.allclose(schedules.alphas_cumprod(schedules.BETA_TABLES[name](steps, start, end)), abar, rtol=1e-5, atol=0):
+        table = schedules.BETA_TABLES[name](steps, start, end)
+        want = table if "betas" in state else schedules.alphas_cumprod(table)
+        if torch.allclose(want, stored.to(torch.float64), rtol=max(4 * eps, 1e-6), atol=0):
             return {"num_train_timesteps": steps, "beta_schedule": name, "beta_start": start, "beta_end": end}
     return {"num_train_timesteps": steps, "trained_betas": betas.tolist()}

@@ -43,7 +43,7 @@ class Parts:
 
     components: dict[str, tuple[dict[str, Any], Mapping[str, torch.Tensor]]]  # unet / vae / text_encoder
     scheduler: dict[str, Any]
-    tokenizer: Optional[Path] = None  # a CLIPTokenizer folder (vocab.json + merges.txt), when it came with one
+    tokenizer: Optional[Path] = None  # a CLIPTokenizer folder (vocab.json + merges.txt, or tokenizer.json), if any
     family: str = ""  # sd1 | sd2 | ddpm
     sampling: dict[str, Any] = field(default_factory=dict)  # default sampling settings for the model folder
 
@@ -65,7 +65,8 @@ def read_diffusers(folder: Path, dtype: Optional[torch.dtype] = None) -> Parts:
         if (folder / "config.json").is_file():
             raise UnsupportedModel(f"{folder} is a single diffusers component; give the pipeline folder above it (the one "
                                    f"with model_index.json), which also holds the scheduler")
-        raise UnsupportedModel(f"{folder} has no model_index.json; it is not a diffusers pipeline folder")
+        raise UnsupportedModel(f"{folder} has no model_index.json, so it is not a diffusers pipeline folder; give the "
+                               f"folder that holds model_index.json, or a single-file .safetensors checkpoint")
     index = read_json(index_file)
     name = index.get("_class_name", "")
     if name in KNOWN_OTHERS:
@@ -106,8 +107,8 @@ def read_single_file(path: Path, dtype: Optional[torch.dtype] = None, prediction
     # other sizes (multiples of 64 pixels) are a --size away
     unet_config, unet_state = components["unet"]
     components["unet"] = ({"sample_size": 96 if family == "sd2" and prediction == "v" else 64, **unet_config}, unet_state)
-    # the file's own beta table when it carries one, else Stable Diffusion's
-    table = ldm.scheduler_config_from_ldm(weights) or {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
+    # the file's own beta table when it carries one (read as stored, not in ``dtype``), else Stable Diffusion's
+    table = ldm.scheduler_config_from_ldm(open_weights(Path(path))) or {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
                                                         "beta_start": 0.00085, "beta_end": 0.012}
     scheduler = {**table, "prediction_type": "epsilon" if prediction == "eps" else "v_prediction"}
     return Parts(components, scheduler, None, family, dict(SD_SAMPLING))
