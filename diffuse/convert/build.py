@@ -64,7 +64,9 @@ def model_config(parts: Parts) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
         from .clip import clip_config_from_transformers, clip_state_from_transformers
 
         text_config, text_state = parts.components["text_encoder"]
-        text = {**clip_config_from_transformers(text_config), **tokenizer_settings(parts), "tokenizer": TOKENIZER_SUBDIR}
+        text = {**clip_config_from_transformers(text_config), **tokenizer_settings(parts), "tokenizer": TOKENIZER_SUBDIR,
+                # Unicode NFC, as diffusers' (transformers') tokenizer cleans text: the prompts these models see there
+                "text_cleanup": "nfc"}
         weights.update({f"text_encoder.{k}": v for k, v in clip_state_from_transformers(text_state, text).items()})
         fields.update(conditioning="text", text_encoder="clip", text_config=text)
     elif unet.num_classes:
