@@ -275,3 +275,20 @@ def test_a_conversion_failing_midway_leaves_the_old_out_and_no_partial_folder(sd
     assert err.startswith("error: ") and err.count("\n") == 1 and "'decoder.conv_out.weight' has shape (3, 32, 3, 1)" in err
     assert [p.name for p in out.iterdir()] == ["old.txt"] and (out / "old.txt").read_text() == "the old model"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "ours"]
+
+
+def test_a_large_models_meta_device_build_loads_the_same_model(ddpm_folder, tmp_path, monkeypatch):
+    """Big weights files are loaded into a model built on the meta device: the same tensors and outputs."""
+    from diffuse import model as model_module
+
+    assert main(["convert", str(ddpm_folder), "--out", str(tmp_path / "ours")]) == 0
+    small, _ = DiffusionModel.load(tmp_path / "ours")
+    monkeypatch.setattr(model_module, "META_BUILD_BYTES", 0)
+    big, _ = DiffusionModel.load(tmp_path / "ours")
+    a, b = small.state_dict(), big.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(small.denoiser.log_sigmas, big.denoiser.log_sigmas)  # a computed buffer, not in the file
+    assert not any(t.is_meta for t in (*big.parameters(), *big.buffers()))
+    x, sigma = torch.randn(1, 3, 8, 8), torch.tensor([2.0])
+    with torch.no_grad():
+        assert torch.equal(small(x, sigma), big(x, sigma))
