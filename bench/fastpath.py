@@ -6,6 +6,7 @@ sampling, PNGs) per mode:
 
 * ``plain``: ``--precision fp32 --no-channels-last`` (the path before the fast path);
 * ``default``: no flags (precision auto, channels_last);
+* ``no-cl``: ``--no-channels-last`` (precision auto, NCHW): what channels_last buys on this machine;
 * ``bf16``: ``--precision bf16``;
 * ``compile-cold``: ``--compile`` with an empty inductor cache (a fresh TORCHINDUCTOR_CACHE_DIR);
 * ``compile-warm``: ``--compile`` again with that cache, as a second run would (list it after compile-cold).
@@ -33,6 +34,7 @@ import torch
 MODES = {
     "plain": ["--precision", "fp32", "--no-channels-last"],
     "default": [],
+    "no-cl": ["--no-channels-last"],
     "bf16": ["--precision", "bf16"],
     "compile-cold": ["--compile"],
     "compile-warm": ["--compile"],

@@ -37,7 +37,9 @@ guidance and sampler code, so the comparison is between the networks.
 
 Modes: ``fp32`` or ``bf16`` (``torch.autocast``) plus flags joined by ``+``: ``cl`` (channels_last
 model and input), ``compile`` (``backbone.compile()``, cold: a fresh Inductor cache per process
-unless ``--compile-cache DIR``; Inductor's precompiled C++ headers stay shared), ``graph`` (CUDA
+unless ``--compile-cache DIR``; Inductor's precompiled C++ headers stay shared), ``freeze`` (with
+``compile``: Inductor's ``freezing``, which folds the weights into the graph as constants so that
+convolutions and linear layers run on weights prepacked once for oneDNN, inference only), ``graph`` (CUDA
 only: ``torch.compile(mode="reduce-overhead")``, i.e. one CUDA graph replayed per denoiser call
 of the sampling loop; the loop itself is not captured, since guidance and the sampler decide on
 the host).
@@ -101,7 +103,7 @@ TWINS = tuple(name for name, cfg in presets().items() if cfg.model.backbone == "
 MODELS = (*PRESETS, "sd15", *(f"{name}@diffusers" for name in TWINS))
 MODES = ("fp32", "bf16", "fp32+cl", "bf16+cl", "fp32+compile", "bf16+compile")
 CUDA_MODES = ("fp32+graph", "bf16+graph")
-FLAGS = ("cl", "compile", "graph")
+FLAGS = ("cl", "compile", "freeze", "graph")
 GUIDANCE, SIGMA, LABEL = 3.0, 1.0, 3  # any scale != 1 runs both branches; sigma of the timed steps; class label
 PROMPT = shapes.sample(1).caption
 SAMPLER, SCHEDULE = "dpmpp_2m", "karras"
@@ -292,6 +294,8 @@ def parse_mode(mode: str, device: str) -> tuple[str, set[str]]:
     precision, *flags = mode.split("+")
     if precision not in ("fp32", "bf16") or not set(flags) <= set(FLAGS):
         raise ValueError(f"bad mode {mode!r}: use fp32 or bf16 followed by +flags from {', '.join(FLAGS)}, e.g. bf16+cl")
+    if "freeze" in flags and "compile" not in flags:
+        raise ValueError(f"mode {mode!r}: freeze is an Inductor option, use it with compile, e.g. bf16+compile+freeze")
     if "graph" in flags and device != "cuda":
         raise ValueError(f"mode {mode!r}: CUDA graphs need --device cuda")
     return precision, set(flags)
@@ -329,6 +333,9 @@ def measure(name: str, mode: str, batch: int, ref_out: Any, opts: dict[str, Any]
         fmt = torch.channels_last if "cl" in flags else torch.contiguous_format
         subject.denoiser.to(device=device, memory_format=fmt)
         if flags & {"compile", "graph"}:
+            import torch._inductor.config as inductor_config
+
+            inductor_config.freezing = "freeze" in flags
             subject.denoiser.backbone.compile(mode="reduce-overhead" if "graph" in flags else None)
         denoiser, x, sigma, cond = guided_call(subject, batch, device, fmt)
         step = lambda: denoiser(x, sigma, cond)  # noqa: E731
