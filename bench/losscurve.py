@@ -1,0 +1,110 @@
+"""Does the training fast path learn the same thing? Loss curves of the real trainer in fp32 eager and
+in the fast modes, against the seed-to-seed noise of fp32 itself (issue #9: "the same loss curve within noise").
+
+Each run is ``diffuse.train.train`` on a preset (default ``digits``, the real scikit-learn digits) for
+``--steps`` optimizer steps with evaluations and previews off, in its own process. The runs:
+
+* ``fp32`` at seed 0 and at seed 1: the yardstick. A different seed changes the initial weights, the
+  data order and the noise draws, so |fp32 seed 1 - fp32 seed 0| is how much two equally good runs
+  differ;
+* each of ``--modes`` (default ``bf16``, ``bf16+compile``) at seed 0.
+
+The loss is averaged over windows of ``--window`` steps (the trainer logs the mean loss of every
+``train.log_every`` = 10 steps). A mode's curve is "within noise" when its largest window difference
+from fp32 seed 0 is no larger than the largest fp32 seed-to-seed difference. The wall time is the
+whole process (data set-up and compilation included), not bench/train.py's steady-state images/s.
+
+    python bench/losscurve.py                          # digits, 1000 steps: about 15 min on 2 idle cores
+    python bench/losscurve.py --preset tiny --steps 100 --out runs/losscurve-quick   # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from diffuse.config import apply_overrides, preset  # noqa: E402
+from diffuse.plot import line_chart  # noqa: E402
+from diffuse.train import METRICS, train  # noqa: E402
+
+
+def run_name(mode: str, seed: int) -> str:
+    return f"{mode.replace('+', '-')}-seed{seed}"
+
+
+def train_one(args: argparse.Namespace, mode: str, seed: int) -> None:
+    """Train one (mode, seed) run in this process (a worker)."""
+    precision, _, flag = mode.partition("+")
+    if precision not in ("fp32", "bf16") or flag not in ("", "compile"):
+        raise SystemExit(f"error: mode {mode!r} must be fp32 or bf16, optionally +compile")
+    cfg = apply_overrides(preset(args.preset), [
+        f"train.precision={precision}", f"train.compile={str(flag == 'compile').lower()}", f"train.seed={seed}",
+        f"train.max_steps={args.steps}", "train.eval_every=0", f"train.sample_every={10 * args.steps}",
+        f"train.checkpoint_every={args.steps}"])
+    train(cfg, args.out / run_name(mode, seed))
+
+
+def windows(run_dir: Path, window: int) -> dict[int, float]:
+    """{last step of each window: mean logged loss} of one run."""
+    with open(run_dir / METRICS, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["loss"]]
+    means: dict[int, list[float]] = {}
+    for r in rows:
+        means.setdefault(((int(r["step"]) - 1) // window + 1) * window, []).append(float(r["loss"]))
+    return {k: sum(v) / len(v) for k, v in means.items()}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="digits")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--window", type=int, default=100, help="steps per averaged window of the loss")
+    p.add_argument("--modes", nargs="+", default=["bf16", "bf16+compile"])
+    p.add_argument("--out", type=Path, default=Path("runs/losscurve"))
+    p.add_argument("--worker", nargs=2, metavar=("MODE", "SEED"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        train_one(args, args.worker[0], int(args.worker[1]))
+        return 0
+
+    runs = [("fp32", 0), ("fp32", 1), *((m, 0) for m in args.modes)]
+    wall = {}
+    for mode, seed in runs:
+        run_dir = args.out / run_name(mode, seed)
+        if (run_dir / METRICS).exists() and any((run_dir / "checkpoints").glob("step-*")):
+            print(f"{run_name(mode, seed)}: done earlier, reused", flush=True)
+            continue
+        start = time.perf_counter()
+        subprocess.run([sys.executable, __file__, "--worker", mode, str(seed), "--preset", args.preset, "--steps",
+                        str(args.steps), "--out", str(args.out)], check=True)
+        wall[run_name(mode, seed)] = time.perf_counter() - start
+        print(f"{run_name(mode, seed)}: {wall[run_name(mode, seed)]:.0f} s", flush=True)
+
+    curves = {run_name(m, s): windows(args.out / run_name(m, s), args.window) for m, s in runs}
+    base, other = curves["fp32-seed0"], curves["fp32-seed1"]
+    noise = max(abs(other[k] - base[k]) for k in base)
+    lines = ["| run | " + " | ".join(str(k) for k in sorted(base)) + " | max abs diff vs fp32 seed 0 | within noise | wall s |",
+             "|---|" + "---|" * len(base) + "---|---|---|"]
+    for name, curve in curves.items():
+        diff = max(abs(curve[k] - base[k]) for k in base)
+        verdict = "-" if name.startswith("fp32") else ("yes" if diff <= noise else "no")
+        lines.append(f"| {name} | " + " | ".join(f"{curve[k]:.4f}" for k in sorted(base))
+                     + f" | {diff:.4f} | {verdict} | {wall.get(name, float('nan')):.0f} |")
+    table = "\n".join(lines)
+    chart = args.out / "loss_curves.png"
+    line_chart({name: sorted(c.items()) for name, c in curves.items()}, chart,
+               title=f"{args.preset}: training loss, mean of {args.window}-step windows", size=(760, 400))
+    (args.out / "table.md").write_text(table + "\n")
+    print(f"\nmean training loss per {args.window}-step window (column = last step of the window); "
+          f"fp32 seed-to-seed noise = {noise:.4f}\n{table}\n\nchart: {chart}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
