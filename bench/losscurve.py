@@ -7,14 +7,19 @@ Each run is ``diffuse.train.train`` on a preset (default ``digits``, the real sc
 * ``fp32`` at seed 0 and at seed 1: the yardstick. A different seed changes the initial weights, the
   data order and the noise draws, so |fp32 seed 1 - fp32 seed 0| is how much two equally good runs
   differ;
-* each of ``--modes`` (default ``bf16``, ``bf16+compile``) at seed 0.
+* each of ``--modes`` (default ``bf16``, ``bf16+compile``; bench/train.py's mode syntax, of which the
+  trainer has ``+compile``) at seed 0. Sharing seed 0 with the first fp32 run, a mode's curve tracks it
+  closely at first, so the verdict below detects a systematic offset larger than seed-to-seed noise,
+  not small ones.
 
 The loss is averaged over windows of ``--window`` steps (the trainer logs the mean loss of every
 ``train.log_every`` = 10 steps). A mode's curve is "within noise" when its largest window difference
-from fp32 seed 0 is no larger than the largest fp32 seed-to-seed difference. The wall time is the
-whole process (data set-up and compilation included), not bench/train.py's steady-state images/s.
+from fp32 seed 0 is no larger than the largest fp32 seed-to-seed difference. Speed is not measured
+here (bench/train.py does); each worker's wall time is only printed.
+A run folder already holding a finished run of the same settings is reused, an interrupted one resumed
+(bench/ablation.py's ``run_variant``), so the script can be re-run until done.
 
-    python bench/losscurve.py                          # digits, 1000 steps: about 15 min on 2 idle cores
+    python bench/losscurve.py                          # digits, 1000 steps: estimated 20 min on 2 idle cores (not yet run)
     python bench/losscurve.py --preset tiny --steps 100 --out runs/losscurve-quick   # a smoke run
 """
 
@@ -29,25 +34,31 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from diffuse.config import apply_overrides, preset  # noqa: E402
+from ablation import run_variant  # noqa: E402  (bench/ablation.py)
+from train import parse_mode  # noqa: E402  (bench/train.py)
+
+from diffuse.config import RunConfig, apply_overrides, preset  # noqa: E402
 from diffuse.plot import line_chart  # noqa: E402
-from diffuse.train import METRICS, train  # noqa: E402
+from diffuse.train import METRICS  # noqa: E402
 
 
 def run_name(mode: str, seed: int) -> str:
     return f"{mode.replace('+', '-')}-seed{seed}"
 
 
-def train_one(args: argparse.Namespace, mode: str, seed: int) -> None:
-    """Train one (mode, seed) run in this process (a worker)."""
-    precision, _, flag = mode.partition("+")
-    if precision not in ("fp32", "bf16") or flag not in ("", "compile"):
-        raise SystemExit(f"error: mode {mode!r} must be fp32 or bf16, optionally +compile")
-    cfg = apply_overrides(preset(args.preset), [
-        f"train.precision={precision}", f"train.compile={str(flag == 'compile').lower()}", f"train.seed={seed}",
+def run_config(args: argparse.Namespace, mode: str, seed: int) -> RunConfig:
+    """The preset with this mode's precision and compile switch, this seed, and evaluations off."""
+    try:
+        precision, flags = parse_mode(mode)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    if flags - {"compile"}:
+        raise SystemExit(f"error: mode {mode!r}: the trainer has no {', '.join(sorted(flags - {'compile'}))} switch; "
+                         f"use fp32 or bf16, optionally +compile")
+    return apply_overrides(preset(args.preset), [
+        f"train.precision={precision}", f"train.compile={str('compile' in flags).lower()}", f"train.seed={seed}",
         f"train.max_steps={args.steps}", "train.eval_every=0", f"train.sample_every={10 * args.steps}",
         f"train.checkpoint_every={args.steps}"])
-    train(cfg, args.out / run_name(mode, seed))
 
 
 def windows(run_dir: Path, window: int) -> dict[int, float]:
@@ -69,33 +80,31 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=Path("runs/losscurve"))
     p.add_argument("--worker", nargs=2, metavar=("MODE", "SEED"), help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.worker:
-        train_one(args, args.worker[0], int(args.worker[1]))
+    if args.worker:  # train, resume, or skip when done, one run in this process
+        mode, seed = args.worker[0], int(args.worker[1])
+        run_variant(run_name(mode, seed), run_config(args, mode, seed), args.out / run_name(mode, seed))
         return 0
 
     runs = [("fp32", 0), ("fp32", 1), *((m, 0) for m in args.modes)]
-    wall = {}
+    for mode, seed in runs:  # check every mode before training any
+        run_config(args, mode, seed)
     for mode, seed in runs:
-        run_dir = args.out / run_name(mode, seed)
-        if (run_dir / METRICS).exists() and any((run_dir / "checkpoints").glob("step-*")):
-            print(f"{run_name(mode, seed)}: done earlier, reused", flush=True)
-            continue
         start = time.perf_counter()
-        subprocess.run([sys.executable, __file__, "--worker", mode, str(seed), "--preset", args.preset, "--steps",
-                        str(args.steps), "--out", str(args.out)], check=True)
-        wall[run_name(mode, seed)] = time.perf_counter() - start
-        print(f"{run_name(mode, seed)}: {wall[run_name(mode, seed)]:.0f} s", flush=True)
+        if subprocess.run([sys.executable, __file__, "--worker", mode, str(seed), "--preset", args.preset, "--steps",
+                           str(args.steps), "--out", str(args.out)]).returncode:
+            raise SystemExit(f"error: the {run_name(mode, seed)} run failed (its message is above)")
+        print(f"{run_name(mode, seed)}: {time.perf_counter() - start:.0f} s in this invocation", flush=True)
 
     curves = {run_name(m, s): windows(args.out / run_name(m, s), args.window) for m, s in runs}
     base, other = curves["fp32-seed0"], curves["fp32-seed1"]
     noise = max(abs(other[k] - base[k]) for k in base)
-    lines = ["| run | " + " | ".join(str(k) for k in sorted(base)) + " | max abs diff vs fp32 seed 0 | within noise | wall s |",
-             "|---|" + "---|" * len(base) + "---|---|---|"]
+    lines = ["| run | " + " | ".join(str(k) for k in sorted(base)) + " | max abs diff vs fp32 seed 0 | within noise |",
+             "|---|" + "---|" * len(base) + "---|---|"]
     for name, curve in curves.items():
         diff = max(abs(curve[k] - base[k]) for k in base)
         verdict = "-" if name.startswith("fp32") else ("yes" if diff <= noise else "no")
         lines.append(f"| {name} | " + " | ".join(f"{curve[k]:.4f}" for k in sorted(base))
-                     + f" | {diff:.4f} | {verdict} | {wall.get(name, float('nan')):.0f} |")
+                     + f" | {diff:.4f} | {verdict} |")
     table = "\n".join(lines)
     chart = args.out / "loss_curves.png"
     line_chart({name: sorted(c.items()) for name, c in curves.items()}, chart,
