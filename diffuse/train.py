@@ -189,6 +189,38 @@ def prepare_config(cfg: RunConfig, dataset: Any, codec: Optional[VAECodec] = Non
     return dataclasses.replace(cfg, model=m)
 
 
+def load_initial_weights(model: DiffusionModel, cfg: RunConfig, log: Callable[[str], None]) -> None:
+    """``train.init_from``: start a new run from a model folder's weights (fine-tuning), not from random ones.
+
+    Every tensor of the folder must have a place of the same shape in this model, and a text model must use the same
+    vocabulary (token ids index the embedding); tensors the folder lacks keep their fresh initialization, so a model
+    can be fine-tuned into a larger architecture whose new parts start at zero (``position_embedding``'s
+    ``pos_proj``). The EMA starts from the loaded weights.
+    """
+    from .pipeline import resolve_model
+
+    source = cfg.train.init_from
+    try:
+        path = resolve_model(source)
+        config, tensors = checkpoint.load_model_dir(path)
+    except (FileNotFoundError, checkpoint.CheckpointError) as e:
+        raise TrainingError(f"train.init_from={source!r}: {e}") from None
+    vocab = (config.get("model", {}).get("text_config") or {}).get("tokenizer")
+    if vocab != (cfg.model.text_config or {}).get("tokenizer"):
+        raise TrainingError(f"train.init_from={source!r}: its text vocabulary differs from this run's, so its token embeddings "
+                            f"would mean other words; fine-tune on data with the same captions' words")
+    own = model.state_dict()
+    alien = [k for k, t in tensors.items() if k not in own or tuple(own[k].shape) != tuple(t.shape)]
+    if alien:
+        k = alien[0]
+        where = f"shape {tuple(tensors[k].shape)}, this model's {tuple(own[k].shape)}" if k in own else "not in this model"
+        raise TrainingError(f"train.init_from={source!r}: {len(alien)} of its tensors do not fit this model (e.g. {k!r}: {where}); "
+                            f"it is another architecture")
+    model.load_state_dict({k: t.to(own[k].dtype) for k, t in tensors.items()}, strict=False)
+    fresh = sorted(k for k, _ in model.named_parameters() if k not in tensors)
+    log(f"train.init_from: {len(tensors)} tensors from {path}" + (f"; {len(fresh)} new parameters keep their initialization "
+                                                                   f"(e.g. {fresh[0]})" if fresh else ""))
+
 
 def run_config(run_dir: Path, cfg: Any, resume: bool, from_dict: Callable[[dict], Any]) -> tuple[Any, list[Path]]:
     """(config, complete checkpoints) of a run: ``cfg`` for a new run folder, the saved config with ``resume``.
@@ -242,7 +274,10 @@ def train(cfg: Optional[RunConfig], run_dir: Path, *, resume: bool = False, max_
 
     # ---- model, optimizer, EMA, RNG
     torch.manual_seed(t.seed)
-    model = DiffusionModel(cfg.model).to(dev)
+    model = DiffusionModel(cfg.model)
+    if t.init_from and not resume:
+        load_initial_weights(model, cfg, log if d.main else lambda _: None)
+    model = model.to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay)
     ema = EMA(model, t.ema_halflife_nimg, t.ema_rampup_ratio)
     gen = torch.Generator().manual_seed(t.seed + 1)

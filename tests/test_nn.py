@@ -14,6 +14,7 @@ from diffuse.nn import (DIT_PRESETS, UNET_PRESETS, DiT, DiTConfig, UNet, UNetCon
                         backbone_kind, backbone_preset, build_backbone, config_to_dict)
 from diffuse.nn.dit import sincos_pos_embed_2d
 from diffuse.nn.layers import Attention, FourierEmbedding, PositionalEmbedding, ResBlock
+from diffuse.nn.unet import position_features
 
 B, S, TEXT_DIM, L = 2, 16, 24, 6
 
@@ -207,6 +208,33 @@ def test_unet_module_tree_follows_diffusers_names():
     assert len(model.up_blocks[0].resnets) == UNET_PRESETS["tiny"].num_res_blocks + 1
 
 
+def test_unet_position_features_are_sincos_of_normalized_cell_centres():
+    pe = position_features(2, 4)  # 2 rows, 4 columns: u in (-3/4, -1/4, 1/4, 3/4), v in (-1/2, 1/2)
+    assert pe.shape == (8, 16)
+    token = 1 * 4 + 2  # row 1, column 2: u = 1/4, v = 1/2
+    freqs = (math.pi / 2) * torch.tensor([1.0, 2.0, 4.0, 8.0])
+    want = torch.cat([(0.25 * freqs).sin(), (0.25 * freqs).cos(), (0.5 * freqs).sin(), (0.5 * freqs).cos()])
+    torch.testing.assert_close(pe[token], want)
+    # a cell means the same place at every size: the centre of a 1x1 map and the lowest frequency's sign
+    torch.testing.assert_close(position_features(1, 1)[0], torch.cat([torch.zeros(4), torch.ones(4)] * 2))
+    u_sin = position_features(8, 8)[:, 0].reshape(8, 8)  # sin((pi/2) u): rises left to right, equal down a column
+    assert (u_sin.diff(dim=1) > 0).all() and (u_sin.diff(dim=0) == 0).all()
+
+
+def test_zero_initialized_position_embedding_starts_as_the_network_without_it():
+    plain = perturb(tiny("unet", text_dim=TEXT_DIM)).eval()
+    placed = tiny("unet", text_dim=TEXT_DIM, position_embedding="sincos").eval()
+    missing, unexpected = placed.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(".pos_proj." in k for k in missing)
+    assert len(missing) == 2 * (1 + 2 + 1)  # weight and bias in each transformer: 1 down, 2 up at 8x8, 1 mid
+    x, c_noise = inputs()
+    cond = full_cond(text=True)
+    with torch.no_grad():
+        torch.testing.assert_close(placed(x, c_noise, cond), plain(x, c_noise, cond), rtol=0, atol=0)
+        placed.mid_block.attentions[0].pos_proj.weight.normal_()
+        assert (placed(x, c_noise, cond) - plain(x, c_noise, cond)).abs().max() > 1e-3
+
+
 def test_dit_patchify_roundtrip_and_position_embedding():
     model = tiny("dit")
     cfg = model.config
@@ -269,6 +297,10 @@ def test_config_validation():
         UNetConfig(downsample_padding=2)
     with pytest.raises(ValueError, match="positional"):
         UNetConfig(noise_embedding="fourier", freq_shift=1)
+    with pytest.raises(ValueError, match="unknown position_embedding"):
+        UNetConfig(position_embedding="learned")
+    with pytest.raises(ValueError, match="plain attention has none"):
+        UNetConfig(attention="plain", position_embedding="sincos")
     with pytest.raises(ValueError, match="patch_size"):
         DiTConfig(image_size=30, patch_size=4)
     with pytest.raises(ValueError, match="text_mode"):

@@ -1,5 +1,6 @@
 """The trainer: loss falls, exact resume (also after kill -9), never loses work, torchrun parity."""
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -148,6 +149,52 @@ def test_export_writes_a_loadable_model_folder(tmp_path):
     finally:
         os.umask(umask)
     assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == {"config.json": 0o640, "model.safetensors": 0o640}
+
+
+def test_init_from_starts_a_new_run_from_a_model_folder(tmp_path):
+    from diffuse.model import DiffusionModel
+    from diffuse.train import load_initial_weights
+
+    train(tiny(5), tmp_path / "run", progress=False, log=lambda s: None)
+    source = export_run(tmp_path / "run", tmp_path / "model")
+    exported = DiffusionModel.load(source)[0].state_dict()
+    # a larger architecture: the folder's tensors are copied exactly, the new position projections stay zero
+    cfg = tiny(5, f"train.init_from={source}", "model.backbone_config.position_embedding=sincos")
+    torch.manual_seed(0)
+    model, logged = DiffusionModel(cfg.model), []
+    load_initial_weights(model, cfg, logged.append)
+    state = model.state_dict()
+    assert all(torch.equal(state[k], exported[k]) for k in exported)
+    fresh = [k for k in state if k not in exported]
+    assert fresh and all(".pos_proj." in k and not state[k].any() for k in fresh)
+    assert f"{len(fresh)} new parameters keep their initialization" in logged[0]
+    # a run started from it trains, and its first checkpoint holds the folder's weights moved by one step only
+    train(apply_overrides(cfg, ["train.max_steps=1", "train.lr=1e-9"]), tmp_path / "tuned", progress=False, log=lambda s: None)
+    tuned = final_tensors(tmp_path / "tuned")["model"]
+    assert max((tuned[k] - exported[k]).abs().max() for k in exported if exported[k].is_floating_point()) < 1e-6
+    # what does not fit is a one-line error naming the problem
+    for overrides, message in [([f"train.init_from={tmp_path / 'nowhere'}"], "train.init_from=.*no model"),
+                               ([f"train.init_from={source}", "model.backbone_config.model_channels=16"], "another architecture")]:
+        bad = tiny(5, *overrides)
+        with pytest.raises(TrainingError, match=message):
+            load_initial_weights(DiffusionModel(bad.model), bad, logged.append)
+
+
+def test_init_from_a_text_model_needs_the_same_vocabulary(tmp_path):
+    from diffuse.model import DiffusionModel
+    from diffuse.train import load_initial_weights
+
+    cfg = apply_overrides(preset("shapes-t2i"), [f"train.init_from={tmp_path / 'model'}"])
+    vocab = cfg.model.text_config | {"tokenizer": {"max_length": 8, "vocab": ["a", "red", "circle"]}}
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, text_config=vocab))
+    model = DiffusionModel(cfg.model)
+    checkpoint.save_model_dir(tmp_path / "model", {"model": dataclasses.asdict(cfg.model)},
+                              model.state_dict())
+    other = dataclasses.replace(cfg, model=dataclasses.replace(
+        cfg.model, text_config=vocab | {"tokenizer": {"max_length": 8, "vocab": ["a", "circle", "red"]}}))
+    with pytest.raises(TrainingError, match="vocabulary differs"):
+        load_initial_weights(DiffusionModel(other.model), other, lambda s: None)
+    load_initial_weights(DiffusionModel(cfg.model), cfg, lambda s: None)  # the same vocabulary loads
 
 
 @pytest.mark.timeout(300)

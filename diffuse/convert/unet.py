@@ -233,6 +233,9 @@ def _diffusers_class(cfg: UNetConfig) -> str:
         raise UnsupportedModel("diffusers U-Nets embed the noise level with sinusoids of scale 1 and max period 10000; "
                                f"this U-Net has noise_embedding={cfg.noise_embedding!r}, noise_embedding_scale="
                                f"{cfg.noise_embedding_scale}, noise_max_period={cfg.noise_max_period}")
+    if cfg.position_embedding != "none":
+        raise UnsupportedModel(f"position_embedding={cfg.position_embedding!r} (position features on the attention tokens) "
+                               "has no diffusers counterpart")
     if cfg.attention == "plain":
         return PIXEL
     if not cfg.text_dim:

@@ -61,6 +61,7 @@ class UNetConfig:
     norm_eps: float = 1e-5                      # eps of the resnets', output's and plain attention's GroupNorms
     downsample_padding: int = 1                 # 1: pad all sides; 0: pad right/bottom only (DDPM)
     mid_rescale: float = 1.0                    # mid-block resnets' (and plain attention's) outputs are divided by it
+    position_embedding: str = "none"            # 'none' or 'sincos': where each transformer token sits (below)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
@@ -91,6 +92,10 @@ class UNetConfig:
             raise ValueError("flip_sin_to_cos=False and freq_shift apply to the 'positional' noise embedding only")
         if self.attention not in ("transformer", "plain"):
             raise ValueError(f"unknown attention {self.attention!r}; use 'transformer' or 'plain'")
+        if self.position_embedding not in ("none", "sincos"):
+            raise ValueError(f"unknown position_embedding {self.position_embedding!r}; use 'none' or 'sincos'")
+        if self.position_embedding != "none" and self.attention == "plain":
+            raise ValueError("position_embedding applies to attention='transformer' blocks; plain attention has none")
         if self.attention == "plain" and self.text_dim:
             raise ValueError("attention='plain' has no cross-attention to text; use attention='transformer' with text_dim")
         if self.downsample_padding not in (0, 1):
@@ -133,18 +138,43 @@ class TransformerBlock(nn.Module):
         return x + self.ff(self.norm3(x))
 
 
+POSITION_FREQUENCIES = 4  # sin/cos of (pi/2) 2^k u for k < 4, per axis: 16 features
+
+
+def position_features(h: int, w: int, device: torch.device | None = None) -> torch.Tensor:
+    """Fixed 2-D sin-cos features of every cell of an h x w map, [h*w, 4 * POSITION_FREQUENCIES], row-major.
+
+    Cell centres sit at normalized coordinates u, v in (-1, 1) (u across, v down), so a cell means the
+    same place on the canvas at every size; features are sin and cos of (pi/2) 2^k u and of (pi/2) 2^k v,
+    the sinusoids of Vaswani et al. 2017 (Eq. 5) applied per axis as in ViT/DiT's 2-D embeddings
+    (Dosovitskiy et al. 2021; Peebles & Xie 2023). The lowest frequency is monotonic across the canvas.
+    """
+    v = (2 * torch.arange(h, device=device, dtype=torch.float32) + 1) / h - 1
+    u = (2 * torch.arange(w, device=device, dtype=torch.float32) + 1) / w - 1
+    freqs = (torch.pi / 2) * 2.0 ** torch.arange(POSITION_FREQUENCIES, device=device, dtype=torch.float32)
+    pu, pv = (u[:, None] * freqs).repeat(h, 1), (v[:, None] * freqs).repeat_interleave(w, dim=0)  # [h*w, F]
+    return torch.cat([pu.sin(), pu.cos(), pv.sin(), pv.cos()], dim=1)
+
+
 class SpatialTransformer(nn.Module):
     """Attention on a feature map (Rombach et al. 2022's SpatialTransformer; diffusers' Transformer2DModel).
 
-    x [B, C, H, W] -> GroupNorm -> tokens [B, HW, C] -> depth x TransformerBlock -> proj_out (zero init)
-    -> + x. Without text (context_dim=0) it is plain self-attention + FF.
+    x [B, C, H, W] -> GroupNorm -> tokens [B, HW, C] (+ pos_proj(position_features) with ``position``)
+    -> depth x TransformerBlock -> proj_out (zero init) -> + x. Without text (context_dim=0) it is plain
+    self-attention + FF.
+
+    Convolutions and attention are translation-equivariant, so without ``position`` the tokens know where they
+    are only through the zero padding at the borders, which is how a text model fails to learn "at the top
+    left". ``pos_proj`` is zero-initialized (as ControlNet's zero convolutions, Zhang et al. 2023): a network
+    given it starts out computing exactly what it did without, so a trained model can be fine-tuned into one.
     """
 
     def __init__(self, channels: int, heads: int, dim_head: int, depth: int, context_dim: int, groups: int,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, position: bool = False):
         super().__init__()
         self.norm = group_norm(channels, groups, eps=1e-6)
         self.proj_in = nn.Linear(channels, channels)
+        self.pos_proj = zero_init(nn.Linear(4 * POSITION_FREQUENCIES, channels)) if position else None
         self.transformer_blocks = nn.ModuleList(
             [TransformerBlock(channels, heads, dim_head, context_dim, dropout) for _ in range(depth)])
         self.proj_out = zero_init(nn.Linear(channels, channels))
@@ -153,6 +183,8 @@ class SpatialTransformer(nn.Module):
         B, C, H, W = x.shape
         h = self.norm(x).flatten(2).transpose(1, 2)  # [B, HW, C]
         h = self.proj_in(h)
+        if self.pos_proj is not None:
+            h = h + self.pos_proj(position_features(H, W, h.device).to(h.dtype))  # [HW, C] broadcast over B
         for block in self.transformer_blocks:
             h = block(h, context, mask)
         h = self.proj_out(h).transpose(1, 2).reshape(B, C, H, W)  # [B, C, H, W]
@@ -247,7 +279,8 @@ class UNet(nn.Module):
             heads, dim_head = cfg.heads(c)
             if cfg.attention == "plain":
                 return SpatialSelfAttention(c, heads, cfg.norm_groups, cfg.norm_eps, rescale, cfg.dropout)
-            return SpatialTransformer(c, heads, dim_head, cfg.transformer_depth, ctx, cfg.norm_groups, cfg.dropout)
+            return SpatialTransformer(c, heads, dim_head, cfg.transformer_depth, ctx, cfg.norm_groups, cfg.dropout,
+                                      position=cfg.position_embedding == "sincos")
 
         # embeddings
         self.time_proj = noise_embedding(cfg.noise_embedding, ch0, cfg.noise_embedding_scale, cfg.noise_max_period,
@@ -350,4 +383,4 @@ UNET_PRESETS: dict[str, UNetConfig] = {
                        attention_resolutions=(16,), num_heads=4, norm_groups=32, dropout=0.1),
 }
 
-__all__ = ["UNetConfig", "UNet", "UNET_PRESETS", "TransformerBlock", "SpatialTransformer"]
+__all__ = ["UNetConfig", "UNet", "UNET_PRESETS", "TransformerBlock", "SpatialTransformer", "position_features"]
