@@ -66,6 +66,7 @@ class DiffusionModel(nn.Module):
         if precision == "fp32":  # a backbone kept in bf16 by load(keep_bf16=True) computes in float32 from now on
             self.denoiser.backbone.float()
         self.precision, self.channels_last, self.compiled = precision, bool(channels_last), bool(compile)
+        self._compiled_denoise = None  # a graph traced under the old settings is not reused
         self.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)  # 4-d weights only
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any = None) -> torch.Tensor:
