@@ -3,6 +3,7 @@ real Stable Diffusion / DDPM configs, and one-line refusals naming every option 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -263,6 +264,9 @@ def test_unsupported_classes_and_exports_are_refused():
                          norm_groups=8, text_dim=8, noise_embedding="fourier", noise_embedding_scale=16.0)
     with pytest.raises(UnsupportedModel, match="noise_embedding='fourier'"):
         unet_config_to_diffusers(fourier)
+    placed = dataclasses.replace(fourier, noise_embedding="positional", noise_embedding_scale=1.0, position_embedding="sincos")
+    with pytest.raises(UnsupportedModel, match="position_embedding='sincos'"):
+        unet_config_to_diffusers(placed)
     widths = UNetConfig(image_size=16, model_channels=16, channel_mult=(1, 2), attention_resolutions=(16,), num_heads=2,
                         norm_groups=8, attention="plain")
     with pytest.raises(UnsupportedModel, match="num_heads=2"):
