@@ -19,7 +19,8 @@ here (bench/train.py does); each worker's wall time is only printed.
 A run folder already holding a finished run of the same settings is reused, an interrupted one resumed
 (bench/ablation.py's ``run_variant``), so the script can be re-run until done.
 
-    python bench/losscurve.py                          # digits, 1000 steps: estimated 20 min on 2 idle cores (not yet run)
+    python bench/losscurve.py                          # digits, 1000 steps
+    python bench/losscurve.py --steps 600              # the run in bench/RESULTS.md
     python bench/losscurve.py --preset tiny --steps 100 --out runs/losscurve-quick   # a smoke run
 """
 
