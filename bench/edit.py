@@ -3,12 +3,14 @@
 * ``inversion``: rendered shapes scenes (their captions as prompts) inverted to noise with
   Euler (= DDIM) or Heun steps forward in sigma, then sampled back with the same solver;
   RMSE (0..255 levels) and PSNR of the reconstruction for each number of steps.
-* ``inpaint``: two-object scenes; the second object's grid cell is masked and inpainted with
-  the prompt "<first object> and a green triangle"; success = the adherence scorer accepts
-  the result for that prompt (the kept pixels are checked to equal the input exactly).
+* ``inpaint``: two-object scenes; the second object's grid cell is masked and inpainted;
+  success = the adherence scorer accepts the result for "<first object> and a green triangle"
+  (the kept pixels are checked to equal the input exactly). ``--prompts`` picks what the model is
+  told: ``scene`` that whole-scene prompt, ``new`` only "a green triangle", ``new-negative`` "a green
+  triangle" with the first object as negative prompt (so no copy of it is drawn into the hole).
 
     python bench/edit.py inversion --n 8 --steps 5,10,20,50,100
-    python bench/edit.py inpaint --n 50 --jumps 0,3
+    python bench/edit.py inpaint --n 50 --jumps 0,3 --prompts scene,new
 """
 
 from __future__ import annotations
@@ -61,32 +63,40 @@ def cell_mask(cell: int, size: int) -> np.ndarray:
     return m
 
 
-def inpaint(pipe: Pipeline, n: int, jumps_list: list[int], settings: SampleSettings) -> None:
+INPAINT_PROMPTS = ("scene", "new", "new-negative")
+NEW_OBJECT = "a green triangle"
+
+
+def inpaint(pipe: Pipeline, n: int, jumps_list: list[int], prompt_modes: list[str], settings: SampleSettings) -> None:
     size = pipe.model.cfg.image_size
     cases = []
     for e in scenes(4 * n, "two_objects"):
         a, b = e.scene.objects
         if (a.shape, a.color) == ("triangle", "green") or (b.shape, b.color) == ("triangle", "green"):
             continue
-        prompt = f"{shapes.noun_phrase(1, a.shape, a.color)} and a green triangle"
-        cases.append((shapes.render(e.scene, size), cell_mask(b.cell, size), prompt))
+        kept = shapes.noun_phrase(1, a.shape, a.color)
+        cases.append((shapes.render(e.scene, size), cell_mask(b.cell, size), f"{kept} and {NEW_OBJECT}", kept))
         if len(cases) == n:
             break
-    before = sum(adherence.score(img, p).ok for img, _, p in cases)
+    before = sum(adherence.score(img, p).ok for img, _, p, _ in cases)
     print(f"{len(cases)} scenes; the source images satisfy the new prompt in {before} cases")
-    print("| jumps | steps run | NFE | success | 95% CI | seconds |")
-    print("|---|---|---|---|---|---|")
-    for jumps in jumps_list:
-        ok, start = [], time.perf_counter()
-        for i, (img, mask, prompt) in enumerate(cases):
-            [out] = pipe.inpaint(img_to_pil(img), mask, prompt, seeds=[i], settings=settings, jumps=jumps, jump_length=5)
-            arr = np.asarray(out.image)
-            assert np.array_equal(arr[mask == 0], img[mask == 0])
-            ok.append(adherence.score(arr, prompt).ok)
-        p = float(np.mean(ok))
-        half = 1.96 * math.sqrt(p * (1 - p) / len(ok))
-        print(f"| {jumps} | {out.record['steps_run']} | {out.record['nfe']} | {p:.2f} | [{max(0, p - half):.2f}, {min(1, p + half):.2f}] "
-              f"| {time.perf_counter() - start:.0f} |")
+    print("| model told | jumps | steps run | NFE | success | 95% CI | seconds |")
+    print("|---|---|---|---|---|---|---|")
+    for mode in prompt_modes:
+        for jumps in jumps_list:
+            ok, start = [], time.perf_counter()
+            for i, (img, mask, target, kept) in enumerate(cases):
+                told = target if mode == "scene" else NEW_OBJECT
+                negative = kept if mode == "new-negative" else None
+                [out] = pipe.inpaint(img_to_pil(img), mask, told, negative=negative, seeds=[i], settings=settings,
+                                     jumps=jumps, jump_length=5)
+                arr = np.asarray(out.image)
+                assert np.array_equal(arr[mask == 0], img[mask == 0])
+                ok.append(adherence.score(arr, target).ok)
+            p = float(np.mean(ok))
+            half = 1.96 * math.sqrt(p * (1 - p) / len(ok))
+            print(f"| {mode} | {jumps} | {out.record['steps_run']} | {out.record['nfe']} | {p:.2f} "
+                  f"| [{max(0, p - half):.2f}, {min(1, p + half):.2f}] | {time.perf_counter() - start:.0f} |")
 
 
 def img_to_pil(img: np.ndarray):
@@ -103,14 +113,18 @@ def main() -> None:
     ap.add_argument("--steps", default="5,10,20,50,100", help="inversion: steps per direction")
     ap.add_argument("--cfg", type=float, default=1.0, help="inversion: guidance scale in both directions")
     ap.add_argument("--jumps", default="0,3", help="inpaint: RePaint jumps to compare (jump length 5)")
+    ap.add_argument("--prompts", default="scene", help=f"inpaint: what the model is told, any of {', '.join(INPAINT_PROMPTS)}")
     args = ap.parse_args()
+    modes = args.prompts.split(",")
+    if set(modes) - set(INPAINT_PROMPTS):
+        ap.error(f"--prompts: unknown {', '.join(sorted(set(modes) - set(INPAINT_PROMPTS)))}; use {', '.join(INPAINT_PROMPTS)}")
     pipe = Pipeline.load(args.model)
     print(f"{time.strftime('%Y-%m-%d')} {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"model {pipe.name} ({pipe.model_hash})")
     if args.what == "inversion":
         inversion(pipe, args.n, [int(s) for s in args.steps.split(",")], args.cfg)
     else:
-        inpaint(pipe, args.n, [int(j) for j in args.jumps.split(",")], pipe.defaults)
+        inpaint(pipe, args.n, [int(j) for j in args.jumps.split(",")], modes, pipe.defaults)
 
 
 if __name__ == "__main__":

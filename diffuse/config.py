@@ -213,11 +213,10 @@ def presets() -> dict[str, RunConfig]:
                               checkpoint_every=250, sample_every=1000, ema_halflife_nimg=50_000.0),
         ),
         # the shipped text-to-image model: the shapes world at 32x32 with the built-in text encoder
-        # (one residual block per level: on a 2-core CPU more images beat more depth; position features on the
-        # attention tokens, without which "at the top left" was not learned in 8,000 steps; see bench/RESULTS.md)
+        # (one residual block per level: on a 2-core CPU more images beat more depth, see bench/RESULTS.md)
         "shapes-t2i": RunConfig(
-            model=ModelConfig(backbone_config=_unet("small", num_res_blocks=1, text_dim=TEXT_SMALL["dim"], position_embedding="sincos"),
-                              conditioning="text", text_config=dict(TEXT_SMALL)),
+            model=ModelConfig(backbone_config=_unet("small", num_res_blocks=1, text_dim=TEXT_SMALL["dim"]), conditioning="text",
+                              text_config=dict(TEXT_SMALL)),
             train=TrainConfig(data="shapes", dataset_size=1_000_000, batch_size=64, max_steps=8000, warmup_steps=300, lr=5e-4,
                               checkpoint_every=250, sample_every=500, ema_halflife_nimg=25_000.0),
         ),
@@ -225,7 +224,7 @@ def presets() -> dict[str, RunConfig]:
         # `diffuse train-vae --preset vae-shapes-f4 --export models/vae-shapes`) gives 16x16x4 latents
         "latent-shapes-t2i": RunConfig(
             model=ModelConfig(backbone_config=_unet("small", image_size=16, in_channels=4, out_channels=4, num_res_blocks=1,
-                                                    attention_resolutions=[8], text_dim=TEXT_SMALL["dim"], position_embedding="sincos"),
+                                                    attention_resolutions=[8], text_dim=TEXT_SMALL["dim"]),
                               conditioning="text", text_config=dict(TEXT_SMALL), channels=4, image_size=16,
                               sigma_data=1.0, codec="models/vae-shapes"),
             train=TrainConfig(data="shapes", dataset_size=1_000_000, batch_size=64, max_steps=8000, warmup_steps=300, lr=5e-4,
