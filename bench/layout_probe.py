@@ -22,6 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from edit import cell_mask  # noqa: E402  (bench/edit.py)
+
 from diffuse.pipeline import Pipeline  # noqa: E402
 
 PROMPTS = ("a red circle at the top left", "a red circle at the bottom right", "a red circle on the left",
@@ -31,11 +33,9 @@ CONTENT_PAIR = ("a red circle", "a blue square")
 
 def cell_shares(x0: torch.Tensor) -> list[float]:
     """x0 [B, C, H, W] in [-1, 1] -> 9 shares of its mean brightness above black, one per grid cell."""
-    bright = (x0 + 1).clamp(min=0).mean((0, 1))  # [H, W]
-    h, w = bright.shape
-    cells = [bright[r * h // 3:(r + 1) * h // 3, c * w // 3:(c + 1) * w // 3].mean() for r in range(3) for c in range(3)]
-    total = sum(cells)
-    return [float(v / total) for v in cells]
+    bright = (x0 + 1).clamp(min=0).mean((0, 1)).numpy()  # [H, W]
+    cells = [bright[cell_mask(cell, bright.shape[0]) == 1].mean() for cell in range(9)]
+    return [float(v / sum(cells)) for v in cells]
 
 
 def main() -> None:
