@@ -20,7 +20,7 @@ from diffuse.data import to_tensor
 from diffuse.model import DiffusionModel
 from diffuse.text import WordTokenizer
 from diffuse.losses import denoising_loss
-from edit import cell_mask  # bench/edit.py
+from layout_probe import cell_shares  # bench/layout_probe.py
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 ap.add_argument("--steps", type=int, default=1200, help="optimizer steps")
@@ -57,9 +57,7 @@ def probe():
             s = torch.full((32,), sigma)
             d = [model.denoise(x, s, model.condition(prompts=[p] * 32)) for p in PROMPTS]
             diff = (d[0] - d[1]).abs().mean().item()
-            bright = (d[0] + 1).clamp(min=0).mean((0, 1))
-            cells = torch.stack([bright[cell_mask(c, 32) == 1].mean() for c in range(9)])
-            out.append((sigma, round(diff, 4), round((d[0] - d[2]).abs().mean().item(), 4), round(float(cells[0] / cells.sum()), 3)))
+            out.append((sigma, round(diff, 4), round((d[0] - d[2]).abs().mean().item(), 4), round(cell_shares(d[0])[0], 3)))
     model.train(); return out
 t0 = time.time()
 for step in range(1, args.steps + 1):
