@@ -43,7 +43,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from diffuse import checkpoint  # noqa: E402
 from diffuse.config import RunConfig, apply_overrides, preset  # noqa: E402
 from diffuse.losses import WEIGHTINGS  # noqa: E402
-from diffuse.nn import backbone_config_from_dict, config_to_dict  # noqa: E402
 from diffuse.plot import line_chart  # noqa: E402
 from diffuse.train import METRICS, RUN_CONFIG, train  # noqa: E402
 
@@ -68,14 +67,6 @@ def variant_config(variant: str, args: argparse.Namespace) -> RunConfig:
     ])
 
 
-def comparable(cfg: RunConfig) -> dict:
-    """``cfg.to_dict()`` with the backbone's config filled in with its defaults (it is stored as a plain dict)."""
-    d = cfg.to_dict()
-    m = d["model"]
-    m["backbone_config"] = config_to_dict(backbone_config_from_dict(m["backbone"], m["backbone_config"]))
-    return d
-
-
 def run_variant(variant: str, cfg: RunConfig, run_dir: Path) -> None:
     """Train the variant to cfg.train.max_steps: fresh, resumed from its newest checkpoint, or skipped when done."""
     found = checkpoint.list_checkpoints(run_dir)
@@ -85,7 +76,7 @@ def run_variant(variant: str, cfg: RunConfig, run_dir: Path) -> None:
         return
     # compared as configs, so fields added to the config since the run began (with their defaults) do not count as
     # differences; a run stores what precision 'auto' resolved to on its machine, which a resume keeps
-    saved, wanted = comparable(RunConfig.from_dict(checkpoint.read_json(run_dir / RUN_CONFIG))), comparable(cfg)
+    saved, wanted = RunConfig.from_dict(checkpoint.read_json(run_dir / RUN_CONFIG)).to_dict(), cfg.to_dict()
     if wanted["train"]["precision"] == "auto":
         wanted["train"]["precision"] = saved["train"]["precision"]
     if saved != wanted:

@@ -45,6 +45,12 @@ class ModelConfig:
             raise ValueError("class conditioning needs model.num_classes >= 1")
         if not 0 < self.sigma_min < self.sigma_max:
             raise ValueError(f"need 0 < sigma_min < sigma_max, got {self.sigma_min}, {self.sigma_max}")
+        from .nn import backbone_config_from_dict, config_to_dict  # lazy: diffuse.nn is heavy
+
+        # stored complete, with the backbone's defaults filled in and its keys checked, so a config saved before a
+        # backbone field was added reads back equal to one written today
+        object.__setattr__(self, "backbone_config",
+                           config_to_dict(backbone_config_from_dict(self.backbone, self.backbone_config)))
 
 
 @dataclass(frozen=True)
