@@ -59,6 +59,8 @@ class TrainConfig:
 
     data: str = "shapes"  # shapes | digits | folder:PATH
     dataset_size: int = 0  # shapes: number of distinct rendered examples (0 = dataset default)
+    # shapes: {family: weight} to draw caption families in those proportions (empty = all families uniformly)
+    family_weights: dict[str, float] = field(default_factory=dict)
     batch_size: int = 32  # global batch per optimizer step (split over processes and accumulation)
     grad_accum: int = 1
     lr: float = 2e-4
@@ -108,6 +110,17 @@ class TrainConfig:
             raise ValueError(f"train.cond_dropout must be in [0, 1), got {self.cond_dropout}")
         if self.lr <= 0:
             raise ValueError(f"train.lr must be > 0, got {self.lr}")
+        if self.family_weights:
+            from .shapes import FAMILIES
+
+            if self.data != "shapes":
+                raise ValueError(f"train.family_weights applies to the shapes data only, not {self.data!r}")
+            unknown = sorted(set(self.family_weights) - set(FAMILIES))
+            if unknown:
+                raise ValueError(f"train.family_weights: unknown family {unknown[0]!r}; known: {', '.join(FAMILIES)}")
+            weights = list(self.family_weights.values())
+            if not all(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in weights) or not any(weights):
+                raise ValueError(f"train.family_weights must be numbers >= 0, at least one > 0; got {self.family_weights}")
 
 
 @dataclass(frozen=True)

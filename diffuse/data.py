@@ -39,7 +39,8 @@ class ShapesDataset(Dataset):
     """Captioned shapes-world scenes: item i is ``shapes.sample(base_seed + i)`` rendered.
 
     Train split only (held-out color-shape pairs never appear). ``families`` restricts the
-    caption families (default: all of ``shapes.FAMILIES``, drawn uniformly per item).
+    caption families (default: all of ``shapes.FAMILIES``, drawn uniformly per item);
+    ``family_weights`` ({family: weight}) draws them in those proportions instead.
     """
 
     channels = 3
@@ -47,11 +48,16 @@ class ShapesDataset(Dataset):
     has_captions = True
 
     def __init__(self, size: int = 32, length: int = 100_000, base_seed: int = 0,
-                 families: Sequence[str] | None = None) -> None:
+                 families: Sequence[str] | None = None, family_weights: dict[str, float] | None = None) -> None:
+        if family_weights:
+            if families is not None:
+                raise ValueError("give the shapes dataset families or family_weights, not both")
+            families = tuple(f for f, w in family_weights.items() if w > 0)
         families = tuple(shapes.FAMILIES if families is None else families)
-        unknown = [f for f in families if f not in shapes.FAMILIES]
+        unknown = [f for f in (*families, *(family_weights or {})) if f not in shapes.FAMILIES]
         if unknown or not families:
             raise ValueError(f"unknown shapes families {unknown or families!r}; expected some of {shapes.FAMILIES}")
+        self.weights = tuple(float(family_weights[f]) for f in families) if family_weights else None
         if size < 8 or length < 1:
             raise ValueError(f"shapes dataset needs size >= 8 and length >= 1, got size={size}, length={length}")
         self.size, self.length, self.base_seed, self.families = size, length, base_seed, families
@@ -62,7 +68,7 @@ class ShapesDataset(Dataset):
     def example(self, i: int) -> shapes.Example:
         if not 0 <= i < self.length:
             raise IndexError(f"index {i} out of range for {self.length} shapes items")
-        return shapes.sample(self.base_seed + i, families=self.families)
+        return shapes.sample(self.base_seed + i, families=self.families, weights=self.weights)
 
     def __getitem__(self, i: int) -> dict:
         ex = self.example(i)

@@ -217,8 +217,9 @@ _GENERATORS = {
 
 
 def sample(seed: int, family: str | None = None, split: str = "train",
-           families: Sequence[str] = FAMILIES) -> Example:
-    """The captioned scene for ``seed``; ``family=None`` draws one uniformly from ``families``.
+           families: Sequence[str] = FAMILIES, weights: Sequence[float] | None = None) -> Example:
+    """The captioned scene for ``seed``; ``family=None`` draws one from ``families``, uniformly or
+    in proportion to ``weights`` (one per family).
 
     ``split``: "train" (no held-out pair anywhere), "heldout" (at least one held-out pair,
     named in the caption) or "any" (all pairs).
@@ -226,7 +227,8 @@ def sample(seed: int, family: str | None = None, split: str = "train",
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     rng = random.Random(seed)
-    family = rng.choice(list(families)) if family is None else family
+    if family is None:
+        family = rng.choice(list(families)) if weights is None else rng.choices(list(families), weights)[0]
     if family not in _GENERATORS:
         raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
     objs, caption = _GENERATORS[family](rng, split, family)

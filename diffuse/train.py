@@ -166,6 +166,8 @@ def open_dataset(cfg: RunConfig, factor: int = 1) -> Any:
     options: dict[str, Any] = {}
     if t.data == "shapes" and t.dataset_size:
         options["length"] = t.dataset_size
+    if t.family_weights:
+        options["family_weights"] = t.family_weights
     if t.data.startswith("folder:"):
         options["skip_bad_files"] = t.skip_bad_files
     return make_dataset(t.data, cfg.model.image_size * factor, **options)

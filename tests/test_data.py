@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,19 @@ def test_shapes_dataset_families_and_captions() -> None:
     assert not any({(o.color, o.shape) for o in parse_prompt(c).objects} & HELDOUT_PAIRS for c in captions)
     with pytest.raises(ValueError, match="unknown shapes families"):
         ShapesDataset(families=["heldout"])
+
+
+def test_shapes_family_weights_set_the_family_proportions() -> None:
+    n = 6000
+    ds = ShapesDataset(length=n, family_weights={"position": 3, "counting": 1, "colors": 0})
+    counts = Counter(ds.example(i).family for i in range(n))
+    assert set(counts) == {"position", "counting"}
+    # binomial(6000, 0.75): sd 34
+    assert abs(counts["position"] - 0.75 * n) < 4 * 34
+    with pytest.raises(ValueError, match="unknown shapes families"):
+        ShapesDataset(family_weights={"heldout": 1})
+    with pytest.raises(ValueError, match="not both"):
+        ShapesDataset(families=["single"], family_weights={"single": 1})
 
 
 def test_digits() -> None:

@@ -1,6 +1,7 @@
 """The trainer: loss falls, exact resume (also after kill -9), never loses work, torchrun parity."""
 
 import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -211,3 +212,17 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     a, b = final_tensors(tmp_path / "one")["model"], final_tensors(tmp_path / "two")["model"]
     differ = max(float((a[k] - b[k]).abs().max()) for k in a)
     assert differ < 1e-5
+
+
+def test_family_weights_are_checked_and_reach_the_dataset():
+    from diffuse.train import open_dataset
+
+    cfg = apply_overrides(preset("shapes-t2i"), ['train.family_weights={"position": 2, "single": 1}'])
+    ds = open_dataset(cfg)
+    assert ds.families == ("position", "single") and ds.weights == (2.0, 1.0)
+    assert apply_overrides(cfg, ["train.family_weights.counting=0.5"]).train.family_weights == {"position": 2, "single": 1, "counting": 0.5}
+    for bad, match in ([{"heldout": 1}], "unknown family 'heldout'"), ([{"single": -1}], "numbers >= 0"), ([{"single": 0}], "at least one > 0"):
+        with pytest.raises(ValueError, match=match):
+            apply_overrides(cfg, [f"train.family_weights={json.dumps(bad[0])}"])
+    with pytest.raises(ValueError, match="shapes data only"):
+        apply_overrides(preset("digits"), ['train.family_weights={"single": 1}'])
