@@ -7,7 +7,8 @@
   success = the adherence scorer accepts the result for "<first object> and a green triangle"
   (the kept pixels are checked to equal the input exactly). ``--prompts`` picks what the model is
   told: ``scene`` that whole-scene prompt, ``new`` only "a green triangle", ``new-negative`` "a green
-  triangle" with the first object as negative prompt (so no copy of it is drawn into the hole).
+  triangle" with the first object as negative prompt (so no copy of it is drawn into the hole),
+  ``new-place`` "a green triangle" with the masked cell's place words ("... at the top left").
 
     python bench/edit.py inversion --n 8 --steps 5,10,20,50,100
     python bench/edit.py inpaint --n 50 --jumps 0,3 --prompts scene,new
@@ -63,7 +64,7 @@ def cell_mask(cell: int, size: int) -> np.ndarray:
     return m
 
 
-INPAINT_PROMPTS = ("scene", "new", "new-negative")
+INPAINT_PROMPTS = ("scene", "new", "new-negative", "new-place")
 NEW_OBJECT = "a green triangle"
 
 
@@ -75,18 +76,18 @@ def inpaint(pipe: Pipeline, n: int, jumps_list: list[int], prompt_modes: list[st
         if (a.shape, a.color) == ("triangle", "green") or (b.shape, b.color) == ("triangle", "green"):
             continue
         kept = shapes.noun_phrase(1, a.shape, a.color)
-        cases.append((shapes.render(e.scene, size), cell_mask(b.cell, size), f"{kept} and {NEW_OBJECT}", kept))
+        cases.append((shapes.render(e.scene, size), cell_mask(b.cell, size), f"{kept} and {NEW_OBJECT}", kept, b.cell))
         if len(cases) == n:
             break
-    before = sum(adherence.score(img, p).ok for img, _, p, _ in cases)
+    before = sum(adherence.score(img, p).ok for img, _, p, _, _ in cases)
     print(f"{len(cases)} scenes; the source images satisfy the new prompt in {before} cases")
     print("| model told | jumps | steps run | NFE | success | 95% CI | seconds |")
     print("|---|---|---|---|---|---|---|")
     for mode in prompt_modes:
         for jumps in jumps_list:
             ok, start = [], time.perf_counter()
-            for i, (img, mask, target, kept) in enumerate(cases):
-                told = target if mode == "scene" else NEW_OBJECT
+            for i, (img, mask, target, kept, cell) in enumerate(cases):
+                told = {"scene": target, "new-place": f"{NEW_OBJECT} {shapes.CELL_PHRASES[cell]}"}.get(mode, NEW_OBJECT)
                 negative = kept if mode == "new-negative" else None
                 [out] = pipe.inpaint(img_to_pil(img), mask, told, negative=negative, seeds=[i], settings=settings,
                                      jumps=jumps, jump_length=5)
