@@ -249,6 +249,13 @@ def presets() -> dict[str, RunConfig]:
             train=TrainConfig(data="shapes", dataset_size=1_000_000, batch_size=64, max_steps=8000, warmup_steps=300, lr=5e-4,
                               checkpoint_every=250, sample_every=500, ema_halflife_nimg=25_000.0),
         ),
+        # your own images in pixels: an unconditional U-Net at 32x32 RGB (--set train.data=folder:PATH; a folder
+        # of mixed sizes is resized and center-cropped)
+        "folder": RunConfig(
+            model=ModelConfig(backbone_config=_unet("small"), channels=3, image_size=32),
+            train=TrainConfig(data="folder:images", batch_size=32, max_steps=5000, warmup_steps=200, lr=3e-4,
+                              checkpoint_every=250, sample_every=500, ema_halflife_nimg=20_000.0),
+        ),
         # latent diffusion on an image folder (--set train.data=folder:PATH) with a factor-8 VAE at 64x64 (8x8x4 latents)
         "latent-folder": RunConfig(
             model=ModelConfig(backbone_config=_unet("small", image_size=8, in_channels=4, out_channels=4, channel_mult=[1, 2],
