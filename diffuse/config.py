@@ -252,7 +252,7 @@ def presets() -> dict[str, RunConfig]:
         # your own images in pixels: an unconditional U-Net at 32x32 RGB (--set train.data=folder:PATH; a folder
         # of mixed sizes is resized and center-cropped)
         "folder": RunConfig(
-            model=ModelConfig(backbone_config=_unet("small"), channels=3, image_size=32),
+            model=ModelConfig(backbone_config=_unet("small", num_res_blocks=1), channels=3, image_size=32),
             train=TrainConfig(data="folder:images", batch_size=32, max_steps=5000, warmup_steps=200, lr=3e-4,
                               checkpoint_every=250, sample_every=500, ema_halflife_nimg=20_000.0),
         ),
