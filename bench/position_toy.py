@@ -8,7 +8,11 @@ bench/layout_probe.py on 32 pure-noise inputs at sigma 20 / 5 / 2: (sigma, mean 
 "... at the top left" and "... at the bottom right", the same between "a red circle ..." and "a blue
 square ..." at the top left, share of the top-left prompt's brightness in cell 0; 1/9 = no idea of place).
 
+--mix P draws that share of the training examples from the full shapes world instead (its six caption families,
+uniformly; most name no place), to find how much of the world's other data stops place words being learned.
+
     python bench/position_toy.py --steps 1200 --pos sincos
+    python bench/position_toy.py --steps 1200 --pos sincos --mix 0.5
 """
 import argparse, dataclasses, random, sys, time
 from pathlib import Path
@@ -31,18 +35,25 @@ ap.add_argument("--p-std", type=float, default=1.2, help="std of ln sigma")
 ap.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate (50 warmup steps)")
 ap.add_argument("--bf16", action="store_true", help="bf16 autocast (where the CPU multiplies bf16 natively)")
 ap.add_argument("--channels", type=int, default=64, help="U-Net model_channels")
+ap.add_argument("--mix", type=float, default=0.0, help="share of examples drawn from the full shapes world (0-1)")
 ap.add_argument("--out", default="", help="save the final state_dict here")
 args = ap.parse_args()
+if not 0 <= args.mix <= 1:
+    ap.error(f"--mix must be in [0, 1], got {args.mix}")
 torch.manual_seed(0)
 cfg = preset("shapes-t2i")
 bc = {**cfg.model.backbone_config, "position_embedding": args.pos, "model_channels": args.channels}
 def example(rng):
+    """(scene, caption): one object whose caption names its cell, or with probability --mix a full-world example."""
+    if args.mix and rng.random() < args.mix:
+        ex = shapes.sample(rng.randrange(2**31))
+        return ex.scene, ex.caption
     color, shape = rng.choice(shapes.TRAIN_PAIRS)
     cell = rng.randrange(9)
     obj = shapes.place(rng, shape, color, rng.choice(shapes.SIZES), cell)
-    return obj, shapes.noun_phrase(1, shape, color, None, cell)
+    return shapes.Scene((obj,)), shapes.noun_phrase(1, shape, color, None, cell)
 rng = random.Random(0)
-caps = [example(rng)[1] for _ in range(2000)] + ["a red circle"]
+caps = [example(rng)[1] for _ in range(2000)] + ["a red circle"] + (shapes.vocabulary() if args.mix else [])
 tok = WordTokenizer.from_captions(caps).to_dict()
 mcfg = dataclasses.replace(cfg.model, backbone_config=bc, text_config={**cfg.model.text_config, "tokenizer": tok})
 model = DiffusionModel(mcfg)
@@ -64,7 +75,7 @@ for step in range(1, args.steps + 1):
     lr = args.lr * min(1, step / 50)
     for gr in opt.param_groups: gr["lr"] = lr
     ex = [example(rng) for _ in range(args.batch)]
-    x0 = torch.stack([to_tensor(shapes.render(shapes.Scene((o,)), 32)) for o, _ in ex])
+    x0 = torch.stack([to_tensor(shapes.render(scene, 32)) for scene, _ in ex])
     prompts = [c if rng.random() > 0.1 else "" for _, c in ex]
     sigma = (args.p_mean + args.p_std * torch.randn(args.batch, generator=g)).exp()
     noise = torch.randn(x0.shape, generator=g)
