@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -226,3 +227,21 @@ def test_family_weights_are_checked_and_reach_the_dataset():
             apply_overrides(cfg, [f"train.family_weights={json.dumps(bad[0])}"])
     with pytest.raises(ValueError, match="shapes data only"):
         apply_overrides(preset("digits"), ['train.family_weights={"single": 1}'])
+
+
+def test_folder_preset_trains_an_unconditional_pixel_model_on_an_image_folder(tmp_path):
+    from PIL import Image
+
+    from diffuse.model import DiffusionModel
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "imgs").mkdir()
+    for i in range(6):  # mixed sizes: resized and center-cropped to the preset's 32x32
+        Image.fromarray(rng.integers(0, 256, (40 + 8 * i, 48, 3), dtype=np.uint8)).save(tmp_path / "imgs" / f"{i}.png")
+    cfg = apply_overrides(preset("folder"), [*FAST, "train.max_steps=2", "train.batch_size=4", f"train.data=folder:{tmp_path / 'imgs'}",
+                                             "train.precision=fp32"])
+    assert (cfg.model.conditioning, cfg.model.channels, cfg.model.image_size) == ("none", 3, 32)
+    assert train(cfg, tmp_path / "run", progress=False, log=lambda s: None).step == 2
+    model, _ = DiffusionModel.load(export_run(tmp_path / "run", tmp_path / "model"))
+    x = torch.randn(1, 3, 32, 32)
+    assert model.denoise(x, torch.tensor([1.0]), model.condition()).shape == (1, 3, 32, 32)
