@@ -11,19 +11,26 @@ square ..." at the top left, share of the top-left prompt's brightness in cell 0
 --mix P draws that share of the training examples from the full shapes world instead (its six caption families,
 uniformly; most name no place), to find how much of the world's other data stops place words being learned.
 
+--init MODEL starts from a trained text model's weights (a shipped name or a model folder; its vocabulary, its U-Net
+with --pos added, the new position projections starting at zero) instead of a fresh network: can a model that
+already draws the world learn place words quickly? --out DIR writes the result as a model folder that
+`diffuse train --set train.init_from=DIR` can continue from (a fresh network then gets the full world's vocabulary).
+
     python bench/position_toy.py --steps 1200 --pos sincos
     python bench/position_toy.py --steps 1200 --pos sincos --mix 0.5
+    python bench/position_toy.py --steps 600 --init shapes --lr 2e-4 --bf16 --out runs/toy-from-shapes
 """
 import argparse, dataclasses, random, sys, time
 from pathlib import Path
 import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from diffuse import shapes
-from diffuse.config import preset
+from diffuse import checkpoint, shapes
+from diffuse.config import ModelConfig, preset
 from diffuse.data import to_tensor
 from diffuse.model import DiffusionModel
 from diffuse.text import WordTokenizer
 from diffuse.losses import denoising_loss
+from diffuse.pipeline import resolve_model
 from layout_probe import cell_shares  # bench/layout_probe.py
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -34,15 +41,19 @@ ap.add_argument("--p-mean", type=float, default=1.0, help="mean of ln sigma")
 ap.add_argument("--p-std", type=float, default=1.2, help="std of ln sigma")
 ap.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate (50 warmup steps)")
 ap.add_argument("--bf16", action="store_true", help="bf16 autocast (where the CPU multiplies bf16 natively)")
-ap.add_argument("--channels", type=int, default=64, help="U-Net model_channels")
+ap.add_argument("--channels", type=int, default=None, help="U-Net model_channels of a fresh network (default 64)")
 ap.add_argument("--mix", type=float, default=0.0, help="share of examples drawn from the full shapes world (0-1)")
-ap.add_argument("--out", default="", help="save the final state_dict here")
+ap.add_argument("--init", default="", help="start from this text model's weights (shipped name or folder)")
+ap.add_argument("--out", default="", help="write the final weights as a model folder here (must not exist)")
 args = ap.parse_args()
 if not 0 <= args.mix <= 1:
     ap.error(f"--mix must be in [0, 1], got {args.mix}")
+if args.init and args.channels is not None:
+    ap.error("--channels sets a fresh network's width; --init takes the model's own")
+if args.out and Path(args.out).exists():
+    ap.error(f"--out {args.out} exists; choose a new folder")
 torch.manual_seed(0)
 cfg = preset("shapes-t2i")
-bc = {**cfg.model.backbone_config, "position_embedding": args.pos, "model_channels": args.channels}
 def example(rng):
     """(scene, caption): one object whose caption names its cell, or with probability --mix a full-world example."""
     if args.mix and rng.random() < args.mix:
@@ -53,10 +64,21 @@ def example(rng):
     obj = shapes.place(rng, shape, color, rng.choice(shapes.SIZES), cell)
     return shapes.Scene((obj,)), shapes.noun_phrase(1, shape, color, None, cell)
 rng = random.Random(0)
-caps = [example(rng)[1] for _ in range(2000)] + ["a red circle"] + (shapes.vocabulary() if args.mix else [])
-tok = WordTokenizer.from_captions(caps).to_dict()
-mcfg = dataclasses.replace(cfg.model, backbone_config=bc, text_config={**cfg.model.text_config, "tokenizer": tok})
-model = DiffusionModel(mcfg)
+if args.init:
+    path = resolve_model(args.init)
+    config, tensors = checkpoint.load_model_dir(path)
+    src = ModelConfig(**config["model"])
+    model = DiffusionModel(dataclasses.replace(src, backbone_config={**src.backbone_config, "position_embedding": args.pos}))
+    missing, unexpected = model.load_state_dict({k: t.float() for k, t in tensors.items()}, strict=False)
+    if unexpected or any("pos_proj" not in k for k in missing):
+        sys.exit(f"--init {args.init}: its weights do not fit the shapes U-Net with --pos {args.pos}")
+    print(f"from {path}: {len(tensors)} tensors; {len(missing)} new position tensors start at zero", flush=True)
+else:
+    caps = [example(rng)[1] for _ in range(2000)] + ["a red circle"] + (shapes.vocabulary() if args.mix or args.out else [])
+    tok = WordTokenizer.from_captions(caps).to_dict()
+    bc = {**cfg.model.backbone_config, "position_embedding": args.pos, "model_channels": args.channels or 64}
+    model = DiffusionModel(dataclasses.replace(cfg.model, backbone_config=bc,
+                                               text_config={**cfg.model.text_config, "tokenizer": tok}))
 opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0)
 g = torch.Generator().manual_seed(0)
 PROMPTS = ("a red circle at the top left", "a red circle at the bottom right", "a blue square at the top left")
@@ -85,4 +107,5 @@ for step in range(1, args.steps + 1):
     if step % 50 == 0 or step == 10:
         print(f"step {step} loss {loss.item():.4f} {time.time()-t0:.0f}s probe(sigma, place diff, content diff, share cell0) {probe()}", flush=True)
 
-if args.out: torch.save(model.state_dict(), args.out)
+if args.out:
+    print("wrote", model.save(Path(args.out)))
