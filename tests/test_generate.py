@@ -131,3 +131,22 @@ def test_a_model_ships_a_guidance_interval_that_flags_override_and_records_keep(
     assert intervals == {"model": [0.3, 5.0], "flag": [0.5, 10.0], "none": None}
     pixels = {name: np.asarray(Image.open(tmp_path / name / "a-green-triangle-s0.png")) for name in runs}
     assert not np.array_equal(pixels["model"], pixels["none"]) and not np.array_equal(pixels["model"], pixels["flag"])
+
+
+def _parsers(parser):
+    """The parser and every subcommand's parser below it."""
+    import argparse
+
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _parsers(sub)
+
+
+def test_every_command_prints_its_help():
+    from diffuse.cli import build_parser
+
+    helps = [p.format_help() for p in _parsers(build_parser())]
+    assert len(helps) > 15
+    assert any("95% bootstrap" in h for h in helps)  # a '%' in a command's help once crashed `diffuse eval --help`
