@@ -8,6 +8,10 @@ bench/layout_probe.py on 32 pure-noise inputs at sigma 20 / 5 / 2: (sigma, mean 
 "... at the top left" and "... at the bottom right", the same between "a red circle ..." and "a blue
 square ..." at the top left, share of the top-left prompt's brightness in cell 0; 1/9 = no idea of place).
 
+--captions relation trains on the world's position family instead ("a red circle above a blue square": two objects
+whose cells satisfy the relation), and the probe adds the relation words' mean |D| difference and, for "... above
+..." and "... below ...", how far below the blue object's mass the red one's sits (bench/layout_probe.py).
+
 --mix P draws that share of the training examples from the full shapes world instead (its six caption families,
 uniformly; most name no place), to find how much of the world's other data stops place words being learned.
 
@@ -31,7 +35,7 @@ from diffuse.model import DiffusionModel
 from diffuse.text import WordTokenizer
 from diffuse.losses import denoising_loss
 from diffuse.pipeline import resolve_model
-from layout_probe import cell_shares  # bench/layout_probe.py
+from layout_probe import RELATION_PAIR, cell_shares, red_below_blue  # bench/layout_probe.py
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 ap.add_argument("--steps", type=int, default=1200, help="optimizer steps")
@@ -42,6 +46,8 @@ ap.add_argument("--p-std", type=float, default=1.2, help="std of ln sigma")
 ap.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate (50 warmup steps)")
 ap.add_argument("--bf16", action="store_true", help="bf16 autocast (where the CPU multiplies bf16 natively)")
 ap.add_argument("--channels", type=int, default=None, help="U-Net model_channels of a fresh network (default 64)")
+ap.add_argument("--captions", default="place", choices=["place", "relation"],
+                help="one object and its cell, or the position family's two objects and their relation")
 ap.add_argument("--mix", type=float, default=0.0, help="share of examples drawn from the full shapes world (0-1)")
 ap.add_argument("--init", default="", help="start from this text model's weights (shipped name or folder)")
 ap.add_argument("--out", default="", help="write the final weights as a model folder here (must not exist)")
@@ -59,6 +65,9 @@ def example(rng):
     if args.mix and rng.random() < args.mix:
         ex = shapes.sample(rng.randrange(2**31))
         return ex.scene, ex.caption
+    if args.captions == "relation":
+        ex = shapes.sample(rng.randrange(2**31), family="position")
+        return ex.scene, ex.caption
     color, shape = rng.choice(shapes.TRAIN_PAIRS)
     cell = rng.randrange(9)
     obj = shapes.place(rng, shape, color, rng.choice(shapes.SIZES), cell)
@@ -74,7 +83,7 @@ if args.init:
         sys.exit(f"--init {args.init}: its weights do not fit the shapes U-Net with --pos {args.pos}")
     print(f"from {path}: {len(tensors)} tensors; {len(missing)} new position tensors start at zero", flush=True)
 else:
-    caps = [example(rng)[1] for _ in range(2000)] + ["a red circle"] + (shapes.vocabulary() if args.mix or args.out else [])
+    caps = [example(rng)[1] for _ in range(2000)] + ["a red circle"] + (shapes.vocabulary() if args.mix or args.out or args.captions == "relation" else [])
     tok = WordTokenizer.from_captions(caps).to_dict()
     bc = {**cfg.model.backbone_config, "position_embedding": args.pos, "model_channels": args.channels or 64}
     model = DiffusionModel(dataclasses.replace(cfg.model, backbone_config=bc,
@@ -88,9 +97,10 @@ def probe():
         for sigma in (20.0, 5.0, 2.0):
             x = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * sigma
             s = torch.full((32,), sigma)
-            d = [model.denoise(x, s, model.condition(prompts=[p] * 32)) for p in PROMPTS]
+            d = [model.denoise(x, s, model.condition(prompts=[p] * 32)) for p in PROMPTS + RELATION_PAIR]
             diff = (d[0] - d[1]).abs().mean().item()
-            out.append((sigma, round(diff, 4), round((d[0] - d[2]).abs().mean().item(), 4), round(cell_shares(d[0])[0], 3)))
+            relation = [round((d[3] - d[4]).abs().mean().item(), 4), round(red_below_blue(d[3]), 3), round(red_below_blue(d[4]), 3)]
+            out.append((sigma, round(diff, 4), round((d[0] - d[2]).abs().mean().item(), 4), round(cell_shares(d[0])[0], 3), *relation))
     model.train(); return out
 t0 = time.time()
 for step in range(1, args.steps + 1):
@@ -105,7 +115,7 @@ for step in range(1, args.steps + 1):
         loss = denoising_loss(cfg.loss, model.denoiser, x0, sigma, noise, model.condition(prompts=prompts)).mean()
     opt.zero_grad(); loss.backward(); torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step()
     if step % 50 == 0 or step == 10:
-        print(f"step {step} loss {loss.item():.4f} {time.time()-t0:.0f}s probe(sigma, place diff, content diff, share cell0) {probe()}", flush=True)
+        print(f"step {step} loss {loss.item():.4f} {time.time()-t0:.0f}s probe(sigma, place diff, content diff, share cell0, relation diff, red below blue for above, for below) {probe()}", flush=True)
 
 if args.out:
     print("wrote", model.save(Path(args.out)))
