@@ -22,9 +22,9 @@ The variants (``--variants``, each ``parameterization:weighting``):
   the shipped digits recipe.
 
 Runs go to ``--out`` (default ``runs/ablation``, git-ignored), one folder per variant; a finished
-variant is skipped and an interrupted one resumes from its newest checkpoint, so the script can be
-re-run until done. ``--quick`` trains a few dozen steps on a tiny evaluation set: a smoke test of
-the script, not a result.
+variant is skipped (also when only its config.json and metrics.csv were kept) and an interrupted one resumes
+from its newest checkpoint, so the script can be re-run until done, on another machine too. ``--quick``
+trains a few dozen steps on a tiny evaluation set: a smoke test of the script, not a result.
 
     python bench/ablation.py                   # the full ablation (3000 steps x 5 variants)
     python bench/ablation.py --quick           # minutes
@@ -68,9 +68,14 @@ def variant_config(variant: str, args: argparse.Namespace) -> RunConfig:
 
 
 def run_variant(variant: str, cfg: RunConfig, run_dir: Path) -> None:
-    """Train the variant to cfg.train.max_steps: fresh, resumed from its newest checkpoint, or skipped when done."""
+    """Train the variant to cfg.train.max_steps: fresh, resumed from its newest checkpoint, or skipped when done.
+
+    Done means a checkpoint at max_steps or, for a run folder kept without its checkpoints (config.json and
+    metrics.csv are all the table needs, so that is what a finished variant's record in git holds), an evaluation
+    row at max_steps.
+    """
     found = checkpoint.list_checkpoints(run_dir)
-    if not found:
+    if not found and not (run_dir / METRICS).is_file():
         print(f"{variant}: training {cfg.train.max_steps} steps in {run_dir}", flush=True)
         train(cfg, run_dir)
         return
@@ -81,12 +86,15 @@ def run_variant(variant: str, cfg: RunConfig, run_dir: Path) -> None:
         wanted["train"]["precision"] = saved["train"]["precision"]
     if saved != wanted:
         raise SystemExit(f"error: {run_dir} holds a run with other settings than this variant's; pass another --out")
-    step = checkpoint.read_json(found[-1] / "state.json")["step"]
-    if step < cfg.train.max_steps:
+    step = checkpoint.read_json(found[-1] / "state.json")["step"] if found else 0
+    if step >= cfg.train.max_steps or any(int(r["step"]) >= cfg.train.max_steps for r in eval_rows(run_dir)):
+        print(f"{variant}: done ({run_dir})", flush=True)
+    elif found:
         print(f"{variant}: resuming {run_dir} at step {step}", flush=True)
         train(None, run_dir, resume=True)
     else:
-        print(f"{variant}: done ({run_dir}, step {step})", flush=True)
+        raise SystemExit(f"error: {run_dir} has metrics but no checkpoint and no evaluation at step "
+                         f"{cfg.train.max_steps}; remove the folder to train the variant again")
 
 
 def eval_rows(run_dir: Path) -> list[dict[str, str]]:
