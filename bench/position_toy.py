@@ -74,8 +74,11 @@ def example(rng):
     return shapes.Scene((obj,)), shapes.noun_phrase(1, shape, color, None, cell)
 rng = random.Random(0)
 if args.init:
-    path = resolve_model(args.init)
-    config, tensors = checkpoint.load_model_dir(path)
+    try:
+        path = resolve_model(args.init)
+        config, tensors = checkpoint.load_model_dir(path)
+    except (FileNotFoundError, checkpoint.CheckpointError) as e:
+        ap.error(f"--init {args.init}: {e}")
     src = ModelConfig(**config["model"])
     model = DiffusionModel(dataclasses.replace(src, backbone_config={**src.backbone_config, "position_embedding": args.pos}))
     missing, unexpected = model.load_state_dict({k: t.float() for k, t in tensors.items()}, strict=False)
