@@ -22,7 +22,7 @@ already draws the world learn place words quickly? --out DIR writes the result a
 
     python bench/position_toy.py --steps 1200 --pos sincos
     python bench/position_toy.py --steps 1200 --pos sincos --mix 0.5
-    python bench/position_toy.py --steps 600 --init shapes --lr 2e-4 --bf16 --out runs/toy-from-shapes
+    python bench/position_toy.py --steps 800 --init runs/shapes-base --lr 2e-4 --bf16 --out runs/toy-from-shapes
 """
 import argparse, dataclasses, random, sys, time
 from pathlib import Path
@@ -35,6 +35,7 @@ from diffuse.model import DiffusionModel
 from diffuse.text import WordTokenizer
 from diffuse.losses import denoising_loss
 from diffuse.pipeline import resolve_model
+from diffuse.train import TrainingError, load_initial_weights
 from layout_probe import RELATION_PAIR, cell_shares, red_below_blue  # bench/layout_probe.py
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -74,17 +75,16 @@ def example(rng):
     return shapes.Scene((obj,)), shapes.noun_phrase(1, shape, color, None, cell)
 rng = random.Random(0)
 if args.init:
-    try:
-        path = resolve_model(args.init)
-        config, tensors = checkpoint.load_model_dir(path)
-    except (FileNotFoundError, checkpoint.CheckpointError) as e:
+    try:  # the model's own config (vocabulary, widths) plus --pos; its weights load as train.init_from's do
+        src = ModelConfig(**checkpoint.load_model_config(resolve_model(args.init))["model"])
+        if src.conditioning != "text" or src.image_size != 32:
+            ap.error(f"--init {args.init}: not a 32x32 text-to-image model")
+        mcfg = dataclasses.replace(src, backbone_config={**src.backbone_config, "position_embedding": args.pos})
+        model = DiffusionModel(mcfg)
+        load_initial_weights(model, dataclasses.replace(cfg, model=mcfg, train=dataclasses.replace(cfg.train, init_from=args.init)),
+                             lambda line: print(line, flush=True))
+    except (FileNotFoundError, checkpoint.CheckpointError, TrainingError) as e:
         ap.error(f"--init {args.init}: {e}")
-    src = ModelConfig(**config["model"])
-    model = DiffusionModel(dataclasses.replace(src, backbone_config={**src.backbone_config, "position_embedding": args.pos}))
-    missing, unexpected = model.load_state_dict({k: t.float() for k, t in tensors.items()}, strict=False)
-    if unexpected or any("pos_proj" not in k for k in missing):
-        sys.exit(f"--init {args.init}: its weights do not fit the shapes U-Net with --pos {args.pos}")
-    print(f"from {path}: {len(tensors)} tensors; {len(missing)} new position tensors start at zero", flush=True)
 else:
     caps = [example(rng)[1] for _ in range(2000)] + ["a red circle"] + (shapes.vocabulary() if args.mix or args.out or args.captions == "relation" else [])
     tok = WordTokenizer.from_captions(caps).to_dict()
