@@ -7,14 +7,12 @@ Errors a user can fix (bad arguments, missing files, bad checkpoints) print one 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
-if TYPE_CHECKING:
-    from .credentials import SigningKeys
-    from .pipeline import Generated, Pipeline, SampleSettings
+from .cli_options import (fast_path_options, provenance_options, sample_settings, setting_flags, slug, writable_folder,
+                          write_results)
 
 EXAMPLES = {
     "train": "diffuse train --preset tiny --out runs/tiny\n  diffuse train --preset shapes-t2i --out runs/shapes --set train.lr=2e-4 --max-steps 5000\n  diffuse train --out runs/shapes --resume",
@@ -98,7 +96,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     from .pipeline import SampleSettings
 
-    sampling = _setting_flags(args)
+    sampling = setting_flags(args)
     SampleSettings(**sampling)  # checks the values
     out = export_run(Path(args.run_dir), Path(args.out), overwrite=args.overwrite, dtype=args.dtype, sampling=sampling)
     print(f"wrote model folder {out}")
@@ -120,54 +118,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _slug(text: str, limit: int = 60) -> str:
-    words = "".join(c if c.isalnum() else " " for c in text.lower()).split()
-    return "-".join(words)[:limit].strip("-") or "image"
-
-
-def _writable_folder(path: Path) -> Path:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"cannot create output folder {path}: {e.strerror}") from None
-    if not os.access(path, os.W_OK):
-        raise ValueError(f"output folder {path} is not writable; choose another --out")
-    return path
-
-
-def _sample_settings(pipe: "Pipeline", args: argparse.Namespace) -> "SampleSettings":
-    """The model's sampling defaults with --sampler/--steps/--cfg/--schedule applied and checked."""
-    import dataclasses
-
-    if args.steps is not None and args.steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {args.steps}")
-    settings = dataclasses.replace(pipe.defaults, **_setting_flags(args))
-    if settings.cfg == 1.0 and settings.cfg_interval is not None and getattr(args, "cfg_interval", None) is not None:
-        raise ValueError("--cfg-interval limits guidance, but this run has none (cfg 1); give --cfg above 1 too")
-    return settings
-
-
-def _setting_flags(args: argparse.Namespace) -> dict:
-    """The sampling flags the user gave (--sampler, --steps, --cfg, --cfg-interval, --schedule, --eps-scaling[-k], --dcw)."""
-    flags = {k: v for k, v in (("sampler", args.sampler), ("steps", args.steps), ("cfg", args.cfg), ("schedule", args.schedule),
-                               *((k, getattr(args, k, None)) for k in ("eps_scaling", "eps_scaling_k", "dcw"))) if v is not None}
-    if getattr(args, "cfg_interval", None) is not None:
-        flags["cfg_interval"] = _cfg_interval(args.cfg_interval)
-    return flags
-
-
-def _cfg_interval(spec: str) -> Optional[tuple[float, float]]:
-    """--cfg-interval LO,HI (sigmas; SampleSettings checks 0 <= LO < HI), or none: guidance on every step."""
-    if spec.strip().lower() == "none":
-        return None
-    try:
-        lo, hi = (float(v) for v in spec.split(","))
-    except ValueError:
-        raise ValueError(f"--cfg-interval takes two sigmas LO,HI (guidance where LO < sigma <= HI), e.g. 0.3,5, "
-                         f"or none; got {spec!r}") from None
-    return lo, hi
-
-
 def _correction_flags(p: argparse.ArgumentParser) -> None:
     """--eps-scaling, --eps-scaling-k, --dcw: the training-free corrections of diffuse.corrections."""
     p.add_argument("--eps-scaling", type=float, metavar="B", help="epsilon scaling (Ning et al. 2023): divide the noise "
@@ -187,11 +137,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.prompt is not None and len(args.prompt) > 1000:
         raise ValueError(f"the prompt is {len(args.prompt)} characters long; keep it under 1000")
     seeds = parse_seeds(args.seed)
-    pipe = Pipeline.load(args.model, vae_tile=args.vae_tile, **_fast_path_options(args))
-    keys = _provenance_options(pipe, args)
-    settings = _sample_settings(pipe, args)
-    out = _writable_folder(Path(args.out))
-    stem = _slug(args.prompt) if args.prompt else pipe.name  # unconditional models: just the model's name
+    pipe = Pipeline.load(args.model, vae_tile=args.vae_tile, **fast_path_options(args))
+    keys = provenance_options(pipe, args)
+    settings = sample_settings(pipe, args)
+    out = writable_folder(Path(args.out))
+    stem = slug(args.prompt) if args.prompt else pipe.name  # unconditional models: just the model's name
     if not args.prompt and args.class_label is not None:
         stem += f"-class{args.class_label}"
     paths = [out / f"{stem}-s{seed}.png" for seed in seeds]
@@ -207,7 +157,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     images = pipe(args.prompt, negative=args.negative, class_label=args.class_label, seeds=seeds, settings=settings,
                   size=args.size, batch_size=args.batch_size, callback=lambda info: bar.update(len(info.x)))
     bar.close()
-    _write_results(images, paths, args, keys)
+    write_results(images, paths, args, keys)
     if args.grid:
         import numpy as np
 
@@ -217,36 +167,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_results(items: Sequence["Generated"], paths: Sequence[Path], args: argparse.Namespace, keys: Optional["SigningKeys"],
-                   ingredient: Optional[Path] = None) -> None:
-    """Save each result PNG (signed with --sign; an edit's input file is the manifest's ingredient), print its
-    path, and say when no watermark was added."""
-    from .credentials import sign_png
-
-    for item, path in zip(items, paths):
-        item.save(path, overwrite=args.overwrite)
-        if keys is not None:
-            sign_png(path, keys, item.record, ingredient=ingredient)
-        print(path)
-    if not items[0].record["watermark"]["applied"] and not args.quiet:
-        print(f"note: no invisible watermark was added: {items[0].record['watermark']['reason']}", file=sys.stderr)
-
-
 def cmd_edit(args: argparse.Namespace) -> int:
-    from .edit import run_edit
+    from .cli_edit import run_edit
 
     return run_edit(args)
-
-
-def _provenance_options(pipe: "Pipeline", args: argparse.Namespace) -> Optional["SigningKeys"]:
-    """Apply --blocklist and --no-watermark to the pipeline; the signing keys of --sign (or None)."""
-    from .credentials import SigningKeys
-    from .safety import PromptFilter
-
-    if args.blocklist is not None:
-        pipe.prompt_filter = None if args.blocklist == "none" else PromptFilter.load(args.blocklist)
-    pipe.watermark = not args.no_watermark
-    return SigningKeys.load(Path(args.sign)) if args.sign else None
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
@@ -312,7 +236,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     serve(args.model or ["shapes"], host=args.host, port=args.port, max_queue=args.max_queue, max_batch=args.max_batch,
           keep_jobs=args.keep_jobs, token=args.token, max_upload_mb=args.max_upload_mb, max_upload_pixels=args.max_upload_pixels,
-          out=Path(args.out) if args.out else None, device=args.device, **_fast_path_options(args))
+          out=Path(args.out) if args.out else None, device=args.device, **fast_path_options(args))
     return 0
 
 
@@ -383,11 +307,6 @@ def _fast_path_flags(p: argparse.ArgumentParser) -> None:
 def _cfg_interval_flag(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument("--cfg-interval", metavar="LO,HI", help="guide only where LO < sigma <= HI, skipping the unconditional "
                    f"branch elsewhere (Kynkaanniemi et al. 2024), e.g. 0.3,5; none: every step; {default}")
-
-
-def _fast_path_options(args: argparse.Namespace) -> dict:
-    """Pipeline.load's keywords from the fast-path flags."""
-    return {"precision": args.precision, "channels_last": args.channels_last, "compile": args.compile}
 
 
 def _provenance_flags(p: argparse.ArgumentParser) -> None:

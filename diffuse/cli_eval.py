@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from .cli import _sample_settings, _writable_folder
+from .cli_options import sample_settings, writable_folder
 
 if TYPE_CHECKING:
     from .evaluate import AdherenceRun
@@ -80,13 +80,13 @@ def _adherence_of_model(args: argparse.Namespace) -> dict:
     prompts, families = map(list, zip(*eval_prompts(args.n_per_family, args.prompt_seed)))
     pipe = Pipeline.load(args.model)
     evaluate.check_adherence_model(pipe, prompts)
-    settings = _sample_settings(pipe, args)
+    settings = sample_settings(pipe, args)
     scales = _guidance_scales(args.guidance_sweep) if args.guidance_sweep else [settings.cfg]
     folders = {w: Path(args.out) / (f"cfg-{w:g}" if args.guidance_sweep else "") for w in scales}
     names = [f"{i:04d}-{f}-s{args.seed_base + i}.png" for i, f in enumerate(families)]
     if args.save_images:
         for folder in folders.values():
-            _writable_folder(folder)
+            writable_folder(folder)
             for name in [evaluate.PROMPTS_FILE, *names]:
                 _free_path(folder / name, args.overwrite)
     print(f"model {pipe.name} ({pipe.model_hash}): {len(prompts)} prompts ({args.n_per_family} per family), "
@@ -152,7 +152,7 @@ def _eval_fid(args: argparse.Namespace) -> int:
         settings = None
     else:
         pipe = Pipeline.load(args.model)
-        settings = _sample_settings(pipe, args)
+        settings = sample_settings(pipe, args)
         total = evaluate.reference_count(args.ref, pipe.model.cfg.image_size, args.n)
         bar = tqdm(total=total * settings.steps, desc="generate", unit="step", disable=args.quiet)
         report = evaluate.fid_run(pipe, args.ref, settings, n=args.n, seed_base=args.seed_base, batch_size=args.batch_size,
