@@ -17,6 +17,9 @@
 from __future__ import annotations
 
 import argparse
+import collections
+import dataclasses
+import itertools
 import math
 import platform
 import time
@@ -37,7 +40,7 @@ def inversion(pipe: Pipeline, n: int, steps_list: list[int], cfg: float) -> None
     examples = scenes(n, "two_objects")
     images = np.stack([shapes.render(e.scene, pipe.model.cfg.image_size) for e in examples])
     x0 = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
-    print(f"| solver | steps | NFE (invert + reconstruct) | RMSE (0..255) | PSNR dB | seconds |")
+    print("| solver | steps | NFE (invert + reconstruct) | RMSE (0..255) | PSNR dB | seconds |")
     print("|---|---|---|---|---|---|")
     for name, order in (("euler", 1), ("heun", 2)):
         for steps in steps_list:
@@ -68,7 +71,14 @@ INPAINT_PROMPTS = ("scene", "new", "new-negative", "new-place")
 NEW_OBJECT = "a green triangle"
 
 
-def inpaint(pipe: Pipeline, n: int, jumps_list: list[int], prompt_modes: list[str], settings: SampleSettings) -> None:
+def what_fills(verdict: adherence.Verdict, cell: int) -> str:
+    """A failed case's fill, as the scorer sees it: the objects it detects in the masked cell."""
+    found = [f"{d.color or '?'} {d.shape or 'blob'}" for d in verdict.detections if d.cell == cell]
+    return " + ".join(sorted(found)) or "nothing"
+
+
+def inpaint(pipe: Pipeline, n: int, jumps_list: list[int], prompt_modes: list[str], settings: SampleSettings,
+            cfgs: list[float]) -> None:
     size = pipe.model.cfg.image_size
     cases = []
     for e in scenes(4 * n, "two_objects"):
@@ -81,23 +91,27 @@ def inpaint(pipe: Pipeline, n: int, jumps_list: list[int], prompt_modes: list[st
             break
     before = sum(adherence.score(img, p).ok for img, _, p, _, _ in cases)
     print(f"{len(cases)} scenes; the source images satisfy the new prompt in {before} cases")
-    print("| model told | jumps | steps run | NFE | success | 95% CI | seconds |")
-    print("|---|---|---|---|---|---|---|")
-    for mode in prompt_modes:
-        for jumps in jumps_list:
-            ok, start = [], time.perf_counter()
-            for i, (img, mask, target, kept, cell) in enumerate(cases):
-                told = {"scene": target, "new-place": f"{NEW_OBJECT} {shapes.CELL_PHRASES[cell]}"}.get(mode, NEW_OBJECT)
-                negative = kept if mode == "new-negative" else None
-                [out] = pipe.inpaint(img_to_pil(img), mask, told, negative=negative, seeds=[i], settings=settings,
-                                     jumps=jumps, jump_length=5)
-                arr = np.asarray(out.image)
-                assert np.array_equal(arr[mask == 0], img[mask == 0])
-                ok.append(adherence.score(arr, target).ok)
-            p = float(np.mean(ok))
-            half = 1.96 * math.sqrt(p * (1 - p) / len(ok))
-            print(f"| {mode} | {jumps} | {out.record['steps_run']} | {out.record['nfe']} | {p:.2f} "
-                  f"| [{max(0, p - half):.2f}, {min(1, p + half):.2f}] | {time.perf_counter() - start:.0f} |")
+    print("| model told | cfg | jumps | steps run | NFE | success | 95% CI | seconds | failed fills (top 3) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for mode, cfg, jumps in itertools.product(prompt_modes, cfgs, jumps_list):
+        settings = dataclasses.replace(settings, cfg=cfg)
+        ok, fails, start = [], collections.Counter(), time.perf_counter()
+        for i, (img, mask, target, kept, cell) in enumerate(cases):
+            told = {"scene": target, "new-place": f"{NEW_OBJECT} {shapes.CELL_PHRASES[cell]}"}.get(mode, NEW_OBJECT)
+            negative = kept if mode == "new-negative" else None
+            [out] = pipe.inpaint(img_to_pil(img), mask, told, negative=negative, seeds=[i], settings=settings,
+                                 jumps=jumps, jump_length=5)
+            arr = np.asarray(out.image)
+            assert np.array_equal(arr[mask == 0], img[mask == 0])
+            verdict = adherence.score(arr, target)
+            ok.append(verdict.ok)
+            if not verdict.ok:
+                fails[what_fills(verdict, cell)] += 1
+        p = float(np.mean(ok))
+        half = 1.96 * math.sqrt(p * (1 - p) / len(ok))
+        top = ", ".join(f"{k} {v}" for k, v in fails.most_common(3))
+        print(f"| {mode} | {cfg:g} | {jumps} | {out.record['steps_run']} | {out.record['nfe']} | {p:.2f} "
+              f"| [{max(0, p - half):.2f}, {min(1, p + half):.2f}] | {time.perf_counter() - start:.0f} | {top} |")
 
 
 def img_to_pil(img: np.ndarray):
@@ -112,7 +126,9 @@ def main() -> None:
     ap.add_argument("--model", default="shapes")
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--steps", default="5,10,20,50,100", help="inversion: steps per direction")
-    ap.add_argument("--cfg", type=float, default=1.0, help="inversion: guidance scale in both directions")
+    ap.add_argument("--cfg", default=None,
+                    help="guidance scale; inversion: one value, used in both directions (default 1); "
+                         "inpaint: comma-separated values to compare (default: the model's)")
     ap.add_argument("--jumps", default="0,3", help="inpaint: RePaint jumps to compare (jump length 5)")
     ap.add_argument("--prompts", default="scene", help=f"inpaint: what the model is told, any of {', '.join(INPAINT_PROMPTS)}")
     args = ap.parse_args()
@@ -123,9 +139,10 @@ def main() -> None:
     print(f"{time.strftime('%Y-%m-%d')} {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"model {pipe.name} ({pipe.model_hash})")
     if args.what == "inversion":
-        inversion(pipe, args.n, [int(s) for s in args.steps.split(",")], args.cfg)
+        inversion(pipe, args.n, [int(s) for s in args.steps.split(",")], float(args.cfg or 1.0))
     else:
-        inpaint(pipe, args.n, [int(j) for j in args.jumps.split(",")], modes, pipe.defaults)
+        cfgs = [float(c) for c in args.cfg.split(",")] if args.cfg else [pipe.defaults.cfg]
+        inpaint(pipe, args.n, [int(j) for j in args.jumps.split(",")], modes, pipe.defaults, cfgs)
 
 
 if __name__ == "__main__":
