@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 import pytest
-from PIL import Image, PngImagePlugin
+from PIL import Image
 
 from diffuse import credentials, watermark
 from diffuse.pipeline import Pipeline, SampleSettings
