@@ -37,6 +37,9 @@ class ModelConfig:
     channels: int = 3  # channels the denoiser works on (latent channels for a latent model)
     image_size: int = 32  # side the denoiser works on (latent side for a latent model)
     codec: str = ""  # "" = pixels; else a VAE folder: a path when training, "vae" (inside the model folder) once exported
+    # an inpainting model: the backbone also sees [mask, masked image] (backbone_config.concat_channels = 1 + channels;
+    # see diffuse.masks), trained on random masks
+    inpainting: bool = False
 
     def __post_init__(self) -> None:
         if self.conditioning not in CONDITIONINGS:
@@ -51,6 +54,13 @@ class ModelConfig:
         # backbone field was added reads back equal to one written today
         object.__setattr__(self, "backbone_config",
                            config_to_dict(backbone_config_from_dict(self.backbone, self.backbone_config)))
+        concat = self.backbone_config.get("concat_channels", 0)
+        if self.inpainting and concat != self.channels + 1:
+            raise ValueError(f"an inpainting model's backbone also takes the mask and the masked image: set "
+                             f"model.backbone_config.concat_channels={self.channels + 1} (1 + model.channels), not {concat}")
+        if concat and not self.inpainting:
+            raise ValueError(f"model.backbone_config.concat_channels={concat} is the extra input of an inpainting model; "
+                             f"set model.inpainting=true too (with concat_channels = 1 + model.channels)")
 
 
 @dataclass(frozen=True)
@@ -263,6 +273,15 @@ def presets() -> dict[str, RunConfig]:
                               channels=4, image_size=8, sigma_data=1.0, codec="models/vae-folder"),
             train=TrainConfig(data="folder:images", batch_size=32, max_steps=10_000, warmup_steps=300, lr=2e-4,
                               checkpoint_every=250, sample_every=500, ema_halflife_nimg=25_000.0),
+        ),
+        # inpainting: the shipped shapes model fine-tuned to also see [mask, masked image] (diffuse.masks); its new input
+        # channels start at zero, so it begins as the shapes model exactly
+        "shapes-inpaint": RunConfig(
+            model=ModelConfig(backbone_config=_unet("small", num_res_blocks=1, text_dim=TEXT_SMALL["dim"], concat_channels=4,
+                                                    position_embedding="sincos"),
+                              conditioning="text", text_config=dict(TEXT_SMALL), inpainting=True),
+            train=TrainConfig(data="shapes", dataset_size=1_000_000, batch_size=64, max_steps=1500, warmup_steps=100, lr=2e-4,
+                              checkpoint_every=250, sample_every=500, ema_halflife_nimg=25_000.0, init_from="shapes"),
         ),
         # a diffusion transformer on the same task (adaLN-Zero, cross-attention to text)
         "shapes-dit": RunConfig(

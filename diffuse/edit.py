@@ -65,6 +65,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from . import rng
+from .masks import inpaint_concat, model_space_mask, replace_all
 from .pipeline import Generated, SampleSettings, guided_denoiser
 from .record import file_hash, pixels_hash, read_record
 from .samplers import get_sampler
@@ -205,12 +206,6 @@ def feather(mask: torch.Tensor, radius: int) -> torch.Tensor:
     return (inside / radius).reshape(mask.shape)
 
 
-def model_space_mask(mask: torch.Tensor, factor: int) -> torch.Tensor:
-    """Pixel mask [B, 1, H, W] -> model space [B, 1, H/f, W/f]: each cell's largest replace weight
-    (for a binary mask: area average thresholded at > 0), so a cell is kept only if all its pixels are."""
-    return mask if factor == 1 else F.max_pool2d(mask, factor)
-
-
 def parse_extend(spec: str | dict[str, int]) -> dict[str, int]:
     """``"left=16,top=0"`` (or a dict) -> pixels to add on each side (missing sides: 0)."""
     items = spec.items() if isinstance(spec, dict) else [part.partition("=")[::2] for part in spec.split(",") if part.strip()]
@@ -344,9 +339,9 @@ def fit_input(pipe: "Pipeline", image: ImageSource, resize: bool) -> InputImage:
     return _fit(pipe, read_image(image, pipe.codec.image_channels), resize)
 
 
-def _to_model(pipe: "Pipeline", pixels: np.ndarray) -> torch.Tensor:
-    x = torch.from_numpy(np.array(pixels)).permute(2, 0, 1)[None].float().to(pipe.device) / 127.5 - 1
-    return pipe.codec.encode(x)
+def _to_tensor(pipe: "Pipeline", pixels: np.ndarray) -> torch.Tensor:
+    """uint8 pixels [H, W, C] -> [1, C, H, W] in [-1, 1] on the pipeline's device."""
+    return torch.from_numpy(np.array(pixels)).permute(2, 0, 1)[None].float().to(pipe.device) / 127.5 - 1
 
 
 def _pil(pixels: np.ndarray) -> Image.Image:
@@ -367,12 +362,16 @@ def _edit(pipe: "Pipeline", kind: str, inp: InputImage, pixel_mask: Optional[np.
     k = steps_for_strength(strength, settings.steps)
     first = settings.steps - k
     tail = all_sigmas[first:]
-    x0 = _to_model(pipe, inp.pixels)
+    pixels = _to_tensor(pipe, inp.pixels)
+    x0 = pipe.codec.encode(pixels)
     h, w = inp.pixels.shape[:2]
-    mask = None
+    mask = concat = None
     if pixel_mask is not None:
         m_pix = torch.from_numpy(pixel_mask)[None, None].to(pipe.device)
         mask = model_space_mask(m_pix, pipe.codec.factor)
+    if pipe.model.cfg.inpainting:  # it also sees the mask and what is kept (without a mask: everything is replaced)
+        concat = (inpaint_concat(pipe.codec, pixels, m_pix) if mask is not None
+                  else replace_all(pipe.codec, 1, h, pipe.device))
     # starting content: the whole input when strength < 1 (SDEdit); at strength 1 only the kept part
     start = x0 if strength < 1 else (x0 * (1 - mask) if mask is not None else torch.zeros_like(x0))
     out: list[Generated] = []
@@ -381,7 +380,8 @@ def _edit(pipe: "Pipeline", kind: str, inp: InputImage, pixel_mask: Optional[np.
         n = len(chunk)
         denoiser, cond = guided_denoiser(pipe.model, settings, n, prompts=None if prompt is None else [prompt] * n,
                                          negative=None if negative is None else [negative] * n,
-                                         labels=None if class_label is None else [class_label] * n)
+                                         labels=None if class_label is None else [class_label] * n,
+                                         concat=None if concat is None else concat.expand(n, -1, -1, -1))
         if mask is not None:
             denoiser = KnownRegion(denoiser, x0, mask)
         generators = rng.generators_for(chunk, "cpu")
@@ -516,12 +516,13 @@ def invert(pipe: "Pipeline", image: ImageSource, prompt: Optional[str] = None, *
     for p in target_prompts:
         pipe.check_prompt(p, negative)
     sigmas = settings.sigmas(pipe.model).tolist()
-    x0 = _to_model(pipe, inp.pixels)
+    x0 = pipe.codec.encode(_to_tensor(pipe, inp.pixels))
     h, w = inp.pixels.shape[:2]
     sampler = get_sampler(settings.sampler)
+    concat = replace_all(pipe.codec, 1, h, pipe.device) if pipe.model.cfg.inpainting else None  # an inpainting model: no mask
 
     def denoiser_for(p: Optional[str], label: Optional[int]) -> tuple[Callable, Any]:
-        return guided_denoiser(pipe.model, settings, 1, prompts=None if p is None else [p],
+        return guided_denoiser(pipe.model, settings, 1, prompts=None if p is None else [p], concat=concat,
                                negative=None if negative is None else [negative], labels=None if label is None else [label])
 
     denoiser, cond = denoiser_for(prompt, class_label)

@@ -90,13 +90,24 @@ class DiffusionModel(nn.Module):
     # ------------------------------------------------------------ conditions
 
     def condition(self, *, prompts: Optional[Sequence[str]] = None, labels: Optional[Sequence[int] | torch.Tensor] = None,
-                  windows: int = 1) -> Optional[dict[str, torch.Tensor]]:
+                  windows: int = 1, concat: Optional[torch.Tensor] = None) -> Optional[dict[str, torch.Tensor]]:
         """The backbone's cond dict for prompts (text models) or class labels (class models).
 
         An empty prompt "" and the label ``num_classes`` are the null condition used for
         classifier-free guidance. ``windows``: text encoded in this many windows (a CLIP encoder's long
-        prompts, :meth:`text_windows`); other encoders have one.
+        prompts, :meth:`text_windows`); other encoders have one. ``concat``: an inpainting model's
+        [mask, masked image] (:func:`diffuse.masks.inpaint_concat`), required by such a model and refused by others.
         """
+        if self.cfg.inpainting and concat is None:
+            raise ValueError("this is an inpainting model: it needs the mask and the masked image (diffuse.masks.inpaint_concat; "
+                             "diffuse.masks.replace_all to generate without a picture)")
+        if concat is not None and not self.cfg.inpainting:
+            raise ValueError("a mask and masked image (concat) are the input of an inpainting model; this model is not one")
+        cond = self._condition(prompts, labels, windows)
+        return cond if concat is None else {**(cond or {}), "concat": concat}
+
+    def _condition(self, prompts: Optional[Sequence[str]], labels: Optional[Sequence[int] | torch.Tensor],
+                   windows: int) -> Optional[dict[str, torch.Tensor]]:
         kind = self.cfg.conditioning
         device = next(self.parameters()).device
         if kind == "none":
@@ -128,13 +139,14 @@ class DiffusionModel(nn.Module):
             return 1
         return self.text_encoder.num_windows([p for prompts in prompt_lists if prompts for p in prompts])
 
-    def null_condition(self, batch: int, windows: int = 1) -> Optional[dict[str, torch.Tensor]]:
-        """The unconditional condition for ``batch`` images (empty prompt / null class)."""
+    def null_condition(self, batch: int, windows: int = 1, concat: Optional[torch.Tensor] = None) -> Optional[dict[str, torch.Tensor]]:
+        """The unconditional condition for ``batch`` images (empty prompt / null class; an inpainting model keeps its
+        ``concat`` input, as in SD-inpainting's guidance)."""
         if self.cfg.conditioning == "class":
-            return self.condition(labels=[self.cfg.num_classes] * batch)
+            return self.condition(labels=[self.cfg.num_classes] * batch, concat=concat)
         if self.cfg.conditioning == "text":
-            return self.condition(prompts=[""] * batch, windows=windows)
-        return None
+            return self.condition(prompts=[""] * batch, windows=windows, concat=concat)
+        return self.condition(concat=concat)
 
     # ------------------------------------------------------------ files
 

@@ -18,6 +18,7 @@ from PIL import Image
 
 from . import __version__, fastpath, rng, safety, schedules, watermark
 from .codec import Codec, PixelCodec, VAECodec
+from .masks import replace_all
 from .corrections import DCW, EpsScaling, check_dcw, check_eps_scaling
 from .guidance import CFGDenoiser, check_interval
 from .model import DiffusionModel
@@ -73,18 +74,19 @@ class SampleSettings:
 
 
 def guided_denoiser(model: DiffusionModel, settings: SampleSettings, batch: int, *, prompts: Optional[Sequence[str]] = None,
-                    negative: Optional[Sequence[str]] = None, labels: Optional[Sequence[int]] = None) -> tuple[Callable, Any]:
+                    negative: Optional[Sequence[str]] = None, labels: Optional[Sequence[int]] = None,
+                    concat: Optional[torch.Tensor] = None) -> tuple[Callable, Any]:
     """(denoiser, cond) for a batch: the model, wrapped in classifier-free guidance when settings.cfg != 1
-    and in epsilon scaling when it is on."""
+    and in epsilon scaling when it is on. ``concat``: an inpainting model's [mask, masked image] (both branches)."""
     guided = settings.cfg != 1.0
     windows = model.text_windows(prompts, negative if guided else None)  # cond and uncond tokens line up
-    cond = model.condition(prompts=prompts, labels=labels, windows=windows)
+    cond = model.condition(prompts=prompts, labels=labels, windows=windows, concat=concat)
     denoiser: Callable = model
     if guided:
         if model.cfg.conditioning == "none":
             raise ValueError("guidance (cfg != 1) needs a conditional model; this model is unconditional")
-        uncond = (model.condition(prompts=negative, windows=windows) if negative is not None
-                  else model.null_condition(batch, windows))
+        uncond = (model.condition(prompts=negative, windows=windows, concat=concat) if negative is not None
+                  else model.null_condition(batch, windows, concat))
         denoiser = CFGDenoiser(model, settings.cfg, uncond, rescale=settings.cfg_rescale, interval=settings.cfg_interval)
     if settings.eps_scaling != 1.0 or settings.eps_scaling_k != 0.0:
         denoiser = EpsScaling(denoiser, settings.eps_scaling, settings.eps_scaling_k, model.sigma_max)
@@ -105,7 +107,8 @@ def generate(model: DiffusionModel, settings: SampleSettings, seeds: Sequence[in
     factor = codec.factor if codec is not None else 1
     res = size // factor if size else model.cfg.image_size
     batch = len(seeds)
-    denoiser, cond = guided_denoiser(model, settings, batch, prompts=prompts, negative=negative, labels=labels)
+    concat = replace_all(codec or PixelCodec(model.cfg.channels), batch, res * factor, device) if model.cfg.inpainting else None
+    denoiser, cond = guided_denoiser(model, settings, batch, prompts=prompts, negative=negative, labels=labels, concat=concat)
     sigmas = settings.sigmas(model)
     post_step = settings.post_step(float(sigmas[0]))
     generators = rng.generators_for(seeds, "cpu")

@@ -37,10 +37,11 @@ from tqdm import tqdm
 
 from . import checkpoint, fastpath
 from .config import RunConfig
-from .codec import VAE_SUBDIR, VAECodec
+from .codec import VAE_SUBDIR, PixelCodec, VAECodec
 from .data import make_dataset
 from .ema import EMA
 from .losses import bucket_edges, bucket_losses, denoising_loss, training_noise
+from .masks import inpaint_concat, training_masks
 from .model import DiffusionModel
 from .plot import image_grid, line_chart, to_uint8
 from .text import WordTokenizer
@@ -212,6 +213,8 @@ def load_initial_weights(model: DiffusionModel, cfg: RunConfig, log: Callable[[s
         raise TrainingError(f"train.init_from={source!r}: its text vocabulary differs from this run's, so its token embeddings "
                             f"would mean other words; fine-tune on data with the same captions' words")
     own = model.state_dict()
+    if cfg.model.inpainting:
+        tensors = {k: widen_input(k, t, own.get(k), log) for k, t in tensors.items()}
     alien = [k for k, t in tensors.items() if k not in own or tuple(own[k].shape) != tuple(t.shape)]
     if alien:
         k = alien[0]
@@ -222,6 +225,22 @@ def load_initial_weights(model: DiffusionModel, cfg: RunConfig, log: Callable[[s
     fresh = sorted(k for k, _ in model.named_parameters() if k not in tensors)
     log(f"train.init_from: {len(tensors)} tensors from {path}" + (f"; {len(fresh)} new parameters keep their initialization "
                                                                    f"(e.g. {fresh[0]})" if fresh else ""))
+
+
+INPUT_WEIGHTS = ("denoiser.backbone.conv_in.weight", "denoiser.backbone.x_embedder.proj.weight")  # U-Net, DiT
+
+
+def widen_input(key: str, tensor: torch.Tensor, own: Optional[torch.Tensor], log: Callable[[str], None]) -> torch.Tensor:
+    """A base model's input convolution fitted into an inpainting model's wider one (its extra input channels for
+    the mask and the masked image): the base weights on the first channels, zeros on the new ones, so the
+    inpainting model starts out computing exactly what the base model did (SD-inpainting's initialization)."""
+    if (key not in INPUT_WEIGHTS or own is None or own.ndim != tensor.ndim or own.shape[0] != tensor.shape[0]
+            or own.shape[2:] != tensor.shape[2:] or own.shape[1] <= tensor.shape[1]):
+        return tensor
+    wide = torch.zeros(own.shape, dtype=tensor.dtype)
+    wide[:, :tensor.shape[1]] = tensor
+    log(f"train.init_from: {key} widened from {tensor.shape[1]} to {own.shape[1]} input channels (the new ones start at zero)")
+    return wide
 
 
 def run_config(run_dir: Path, cfg: Any, resume: bool, from_dict: Callable[[dict], Any]) -> tuple[Any, list[Path]]:
@@ -330,12 +349,16 @@ def train(cfg: Optional[RunConfig], run_dir: Path, *, resume: bool = False, max_
             drop = torch.rand(micro_batch, generator=gen) < t.cond_dropout
             mine = slice(d.rank * local, (d.rank + 1) * local)
             items = [dataset[i] for i in idx[mine]]
-            x0 = torch.stack([it["image"] for it in items])
-            x0 = (codec.encode(x0) if codec is not None else x0).to(dev)  # latent models train on scaled VAE latents
+            pixels = torch.stack([it["image"] for it in items])
+            x0 = (codec.encode(pixels) if codec is not None else pixels).to(dev)  # latent models train on scaled VAE latents
             noise = training_noise((micro_batch, *x0.shape[1:]), cfg.loss.offset_noise, gen)[mine].to(dev)
+            conditions = drop_conditions(items, cfg, drop[mine])
+            if cfg.model.inpainting:  # a random mask per image (diffuse.masks); the caption still describes the whole image
+                masks = training_masks(micro_batch, pixels.shape[-1], gen)[mine]
+                conditions["concat"] = inpaint_concat(codec or PixelCodec(cfg.model.channels), pixels, masks).to(dev)
             sync = d.world == 1 or micro == t.grad_accum - 1
             with (nullcontext() if sync else stepper.no_sync()), autocast:
-                per_example = stepper(x0, sigma[mine].to(dev), noise, drop_conditions(items, cfg, drop[mine]))
+                per_example = stepper(x0, sigma[mine].to(dev), noise, conditions)
             (per_example.mean() / t.grad_accum).backward()
             loss_sum += per_example.detach().double().sum().cpu()
             for k, (s, c) in bucket_losses(sigma[mine], per_example, edges).items():
