@@ -225,6 +225,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     elif m.conditioning == "text":
         print(f"text-conditional ({m.text_encoder} encoder): any prompt" +
               ("; 75 tokens per window, longer prompts take several windows" if m.text_encoder == "clip" else ""))
+    if m.inpainting:
+        print("inpainting model: also sees [mask, masked image] (edit inpaint/outpaint use them; plain generation "
+              "passes a mask that replaces everything)")
     d = pipe.defaults
     interval = f" (guidance where {d.cfg_interval[0]:g} < sigma <= {d.cfg_interval[1]:g})" if d.cfg_interval else ""
     print(f"sampling defaults: sampler {d.sampler}, {d.steps} steps, schedule {d.schedule}, cfg {d.cfg}{interval}")
