@@ -226,6 +226,56 @@ def test_stable_diffusion_export_loads_in_diffusers_with_the_same_outputs(sd_fol
     assert torch.equal(back.scheduler.alphas_cumprod, original.scheduler.alphas_cumprod)
 
 
+def sd_with_unet_inputs(sd_folder: Path, folder: Path, in_channels: int, pipeline: str) -> Path:
+    """The tiny SD pipeline with a random U-Net taking ``in_channels`` inputs, saved as a ``pipeline`` folder."""
+    parts = diffusers.StableDiffusionPipeline.from_pretrained(sd_folder).components
+    unet = randomize(diffusers.UNet2DConditionModel.from_config({**parts["unet"].config, "in_channels": in_channels}), seed=5)
+    getattr(diffusers, pipeline)(**{**parts, "unet": unet}).save_pretrained(folder)
+    return folder
+
+
+def test_an_sd_inpainting_pipeline_converts_samples_like_diffusers_and_exports_back(sd_folder, tmp_path, capsys):
+    """SD-inpainting's 9-channel U-Net [latent, mask, masked-image latent] becomes an inpainting model (x + 5-channel
+    concat): the same DDIM loop as diffusers' with the same extra input, and the same pipeline class back."""
+    src = sd_with_unet_inputs(sd_folder, tmp_path / "inpaint", 9, "StableDiffusionInpaintPipeline")
+    ours, exported = tmp_path / "ours", tmp_path / "exported"
+    assert main(["convert", str(src), "--out", str(ours)]) == 0
+    assert main(["info", str(ours)]) == 0
+    assert "inpainting model" in capsys.readouterr().out
+    model, _ = DiffusionModel.load(ours)
+    assert model.cfg.inpainting and model.cfg.channels == 4 and model.cfg.backbone_config["concat_channels"] == 5
+    reference = diffusers.StableDiffusionInpaintPipeline.from_pretrained(src)
+    gen = torch.Generator().manual_seed(0)
+    x_vp, concat = torch.randn(1, 4, 8, 8, generator=gen), torch.randn(1, 5, 8, 8, generator=gen)
+    concat[:, :1] = (concat[:, :1] > 0).float()  # a binary mask channel
+    prompt = ["a red cat"]
+    with torch.no_grad():
+        ids = reference.tokenizer(prompt, padding="max_length", max_length=77, return_tensors="pt").input_ids
+        text = reference.text_encoder(ids)[0]
+        scheduler = reference.scheduler
+        scheduler.set_timesteps(6)
+        want = x_vp
+        for t in scheduler.timesteps:
+            want = scheduler.step(reference.unet(torch.cat([want, concat], 1), t, text).sample, t, want).prev_sample
+        got = ours_like_diffusers_ddim(model, x_vp, model.condition(prompts=prompt, concat=concat), scheduler, 6)
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+    assert main(["convert", str(ours), "--to", "diffusers", "--out", str(exported)]) == 0
+    back = diffusers.DiffusionPipeline.from_pretrained(exported)
+    assert type(back).__name__ == "StableDiffusionInpaintPipeline" and back.unet.config.in_channels == 9
+    x, t = torch.randn(1, 9, 8, 8), torch.tensor([500])
+    with torch.no_grad():
+        torch.testing.assert_close(back.unet(x, t, text).sample, reference.unet(x, t, text).sample, rtol=0, atol=0)
+
+
+def test_an_instruction_editing_unet_is_refused_by_name(sd_folder, tmp_path, capsys):
+    src = sd_with_unet_inputs(sd_folder, tmp_path / "pix2pix", 8, "StableDiffusionPipeline")
+    capsys.readouterr()  # diffusers' own progress bars while building the source
+    assert main(["convert", str(src), "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == ("error: the U-Net takes 8 input channels, neither the VAE's 4 latents nor an "
+                                       "inpainting model's 9: an instruction-editing model, which diffuse does not run\n")
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_single_file_converts_to_the_same_model_as_its_diffusers_folder(sd_folder, tmp_path):
     """The tiny pipeline written in the original single-file layout converts to the same tensors and settings."""
     from safetensors.torch import save_file

@@ -28,6 +28,9 @@ from .sources import Parts, read_source
 
 TOKENIZER_SUBDIR = "tokenizer"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# the diffusers release whose folder layout export_diffusers writes (tests/test_convert.py loads it with that release);
+# diffusers reads model_index.json's version, e.g. to tell a legacy inpainting checkpoint (<= 0.5.1) from a current one
+DIFFUSERS_LAYOUT = "0.42.1"
 STAGING = ".convert"  # --out is written as OUT.convert.incomplete, then moved
 
 
@@ -51,15 +54,21 @@ def model_config(parts: Parts) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
 
     unet_config, unet_state = parts.components["unet"]
     unet = unet_config_from_diffusers(unet_config)
-    if "vae" in parts.components and unet.in_channels != parts.components["vae"][0].get("latent_channels", 4):
-        raise UnsupportedModel(f"the U-Net takes {unet.in_channels} input channels, more than the VAE's latents: an "
-                               f"inpainting or instruction-editing model, which diffuse does not run yet")
+    inpainting = False
+    if "vae" in parts.components and unet.in_channels != (latent := parts.components["vae"][0].get("latent_channels", 4)):
+        if unet.in_channels != 2 * latent + 1:
+            raise UnsupportedModel(f"the U-Net takes {unet.in_channels} input channels, neither the VAE's {latent} latents "
+                                   f"nor an inpainting model's {2 * latent + 1}: an instruction-editing model, which diffuse "
+                                   f"does not run")
+        # SD inpainting: input [latent, mask, masked-image latent], our x then cond['concat'] (diffuse.masks)
+        unet = dataclasses.replace(unet, in_channels=latent, concat_channels=latent + 1)
+        inpainting = True
     weights = {f"denoiser.backbone.{k}": v for k, v in unet_state_from_diffusers(unet_state, unet).items()}
     table = noise_table_from_diffusers(parts.scheduler)
     sigma_min, sigma_max = sigma_range(table)
     fields: dict[str, Any] = dict(backbone="unet", backbone_config=config_to_dict(unet), precond="discrete",
                                   noise_table=table, sigma_min=sigma_min, sigma_max=sigma_max,
-                                  channels=unet.in_channels, image_size=unet.image_size)
+                                  channels=unet.in_channels, image_size=unet.image_size, inpainting=inpainting)
     if "text_encoder" in parts.components:
         from .clip import clip_config_from_transformers, clip_state_from_transformers
 
@@ -166,7 +175,7 @@ def export_diffusers(model_dir: Path, out: Path, *, overwrite: bool = False) -> 
         components: dict[str, tuple[dict[str, Any], Mapping[str, torch.Tensor], str]] = {
             "unet": (unet_config_to_diffusers(unet), unet_state_to_diffusers(prefixed(state, "denoiser.backbone."), unet),
                      "diffusion_pytorch_model")}
-        index: dict[str, Any] = {"_class_name": "DDPMPipeline", "unet": ["diffusers", components["unet"][0]["_class_name"]]}
+        index: dict[str, Any] = {"_class_name": "DDPMPipeline", "_diffusers_version": DIFFUSERS_LAYOUT, "unet": ["diffusers", components["unet"][0]["_class_name"]]}
         if cfg.conditioning == "text":
             from .clip import clip_config_to_transformers, clip_state_to_transformers
 
@@ -177,7 +186,8 @@ def export_diffusers(model_dir: Path, out: Path, *, overwrite: bool = False) -> 
 
             shutil.copytree(model_dir / cfg.text_config["tokenizer"], tmp / TOKENIZER_SUBDIR)
             write_clip_tokenizer_config(tmp / TOKENIZER_SUBDIR, cfg.text_config)
-            index.update(_class_name="StableDiffusionPipeline", text_encoder=["transformers", "CLIPTextModel"],
+            index.update(_class_name="StableDiffusionInpaintPipeline" if cfg.inpainting else "StableDiffusionPipeline",
+                         text_encoder=["transformers", "CLIPTextModel"],
                          tokenizer=["transformers", "CLIPTokenizer"], safety_checker=[None, None],
                          feature_extractor=[None, None], requires_safety_checker=False)
         if cfg.codec:

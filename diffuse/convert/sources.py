@@ -22,6 +22,7 @@ from .io import find_weights, open_weights
 # diffusers pipeline classes we convert, and the components each needs
 PIPELINES = {
     "StableDiffusionPipeline": ("unet", "vae", "text_encoder", "tokenizer", "scheduler"),
+    "StableDiffusionInpaintPipeline": ("unet", "vae", "text_encoder", "tokenizer", "scheduler"),
     "DDPMPipeline": ("unet", "scheduler"),
     "DDIMPipeline": ("unet", "scheduler"),
 }
@@ -30,7 +31,7 @@ KNOWN_OTHERS = {
     "StableDiffusionXLPipeline": "SDXL", "StableDiffusionXLImg2ImgPipeline": "SDXL (refiner)",
     "StableDiffusion3Pipeline": "Stable Diffusion 3", "FluxPipeline": "Flux", "PixArtAlphaPipeline": "PixArt-alpha",
     "PixArtSigmaPipeline": "PixArt-sigma", "StableCascadeCombinedPipeline": "Stable Cascade",
-    "KandinskyV22Pipeline": "Kandinsky 2.2", "StableDiffusionInpaintPipeline": "an SD inpainting model (9-channel U-Net)",
+    "KandinskyV22Pipeline": "Kandinsky 2.2", "StableDiffusionInstructPix2PixPipeline": "InstructPix2Pix",
     "LatentConsistencyModelPipeline": "a latent consistency model", "StableDiffusionUpscalePipeline": "the SD x4 upscaler",
 }
 SD_SAMPLING = {"sampler": "dpmpp_2m", "steps": 20, "schedule": "karras", "cfg": 7.5}  # the ecosystem's usual default
