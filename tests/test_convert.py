@@ -265,6 +265,16 @@ def test_an_sd_inpainting_pipeline_converts_samples_like_diffusers_and_exports_b
     x, t = torch.randn(1, 9, 8, 8), torch.tensor([500])
     with torch.no_grad():
         torch.testing.assert_close(back.unet(x, t, text).sample, reference.unet(x, t, text).sample, rtol=0, atol=0)
+    from safetensors.torch import save_file
+
+    from diffuse.checkpoint import read_json
+    from diffuse.convert import ldm
+    from diffuse.convert.sources import read_diffusers
+
+    single = tmp_path / "tiny-inpaint.safetensors"  # the same model as an original single file
+    save_file({k: v.contiguous() for k, v in ldm.diffusers_to_ldm(read_diffusers(src).components, "sd1").items()}, str(single))
+    assert main(["convert", str(single), "--out", str(tmp_path / "from-file")]) == 0
+    assert read_json(tmp_path / "from-file" / "config.json")["model"] == read_json(ours / "config.json")["model"]
 
 
 def test_an_instruction_editing_unet_is_refused_by_name(sd_folder, tmp_path, capsys):
