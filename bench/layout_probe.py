@@ -12,6 +12,11 @@ blue square" and "... below ...": their mean |D| difference and, for each, how f
 sits below the blue one's (row centroids as fractions of the height: negative = red above blue; a model that has
 learned the relation prints opposite signs).
 
+First, the text encoder alone: for prompts that differ in one word (above/below, left/right, top/bottom, two/three,
+red/green, circle/triangle, each over several fillings of the rest), the distance between the two encodings at the
+changed word's token, relative to that token's norm, and over the whole prompt (mean over its tokens). A word the
+encoder maps close to its partner cannot steer the denoiser, whatever the denoiser learns.
+
     python bench/layout_probe.py --models shapes runs/export
 """
 
@@ -33,6 +38,30 @@ PROMPTS = ("a red circle at the top left", "a red circle at the bottom right", "
            "a red circle at the top")
 CONTENT_PAIR = ("a red circle", "a blue square")
 RELATION_PAIR = ("a red circle above a blue square", "a red circle below a blue square")
+
+
+# (prompt template, word a, word b): the template's {} is filled with a, then b
+WORD_SWAPS = (("a {c} {s} {} a {c2} {s2}", "above", "below"), ("a {c} {s} to the {} of a {c2} {s2}", "left", "right"),
+              ("a {c} {s} at the {} left", "top", "bottom"), ("{} {c} {s}s", "two", "three"),
+              ("a {} {s} above a {c2} {s2}", "red", "green"), ("a {c} {} above a {c2} {s2}", "circle", "triangle"))
+FILLS = [dict(c=c, s=s, c2=c2, s2=s2) for c, c2 in (("red", "blue"), ("yellow", "white"), ("cyan", "orange"))
+         for s, s2 in (("circle", "square"), ("square", "triangle"))]
+
+
+def text_separation(model, template: str, a: str, b: str) -> tuple[float, float]:
+    """Mean over FILLS of (distance at the swapped word's token / its norm, mean distance over the prompt's tokens /
+    mean token norm) between the encodings of ``template`` with ``a`` and with ``b``."""
+    at_word, whole = [], []
+    for fill in FILLS:
+        keep = {k: v for k, v in fill.items() if f"{{{k}}}" in template}
+        pa, pb = template.replace("{}", a).format(**keep), template.replace("{}", b).format(**keep)
+        c = model.condition(prompts=[pa, pb])
+        ea, eb, mask = c["text"][0], c["text"][1], c["text_mask"][0]
+        i = pa.split().index(a) + 1  # the word tokenizer: <bos>, then one token per word
+        dist = (ea - eb).norm(dim=-1)
+        at_word.append(float(dist[i] / ea[i].norm()))
+        whole.append(float(dist[mask].mean() / ea[mask].norm(dim=-1).mean()))
+    return sum(at_word) / len(at_word), sum(whole) / len(whole)
 
 
 def cell_shares(x0: torch.Tensor) -> list[float]:
@@ -70,6 +99,10 @@ def main() -> None:
         if model.cfg.conditioning != "text":
             raise SystemExit(f"error: {name} is not a text model; the probe needs a shapes text-to-image model")
         print(f"{name} ({pipe.model_hash})")
+        print("  text encoder: relative distance between prompts that differ in one word (at that word's token; whole prompt)")
+        for template, a, b in WORD_SWAPS:
+            word, whole = text_separation(model, template, a, b)
+            print(f"    {a + ' / ' + b:<18} {word:.3f}  {whole:.3f}")
         for sigma in sigmas:
             x = torch.randn(args.n, model.cfg.channels, model.cfg.image_size, model.cfg.image_size,
                             generator=torch.Generator().manual_seed(0)) * sigma
