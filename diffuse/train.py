@@ -289,15 +289,15 @@ def train(cfg: Optional[RunConfig], run_dir: Path, *, resume: bool = False, max_
     if micro_batch % d.world:
         raise TrainingError(f"the micro-batch {micro_batch} (batch_size / grad_accum) must divide among {d.world} processes")
     local = micro_batch // d.world
-    if d.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint.atomic_write_json(run_dir / RUN_CONFIG, cfg.to_dict())
 
     # ---- model, optimizer, EMA, RNG
     torch.manual_seed(t.seed)
     model = DiffusionModel(cfg.model)
     if t.init_from and not resume:
         load_initial_weights(model, cfg, log if d.main else lambda _: None)
+    if d.main:  # only now: a run whose starting weights do not fit leaves no run folder behind
+        run_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.atomic_write_json(run_dir / RUN_CONFIG, cfg.to_dict())
     model = model.to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay)
     ema = EMA(model, t.ema_halflife_nimg, t.ema_rampup_ratio)

@@ -180,6 +180,10 @@ def test_init_from_starts_a_new_run_from_a_model_folder(tmp_path):
         bad = tiny(5, *overrides)
         with pytest.raises(TrainingError, match=message):
             load_initial_weights(DiffusionModel(bad.model), bad, logged.append)
+    with pytest.raises(TrainingError, match="another architecture"):  # and train() leaves no run folder behind
+        train(tiny(5, f"train.init_from={source}", "model.backbone_config.model_channels=16"), tmp_path / "refused",
+              progress=False, log=logged.append)
+    assert not (tmp_path / "refused").exists()
 
 
 def test_init_from_a_text_model_needs_the_same_vocabulary(tmp_path):
