@@ -28,7 +28,7 @@ EXAMPLES = {
     "outpaint": 'diffuse edit outpaint --image in.png --extend left=16,right=16 --model my-model --prompt "..." --out out/',
     "invert": 'diffuse edit invert --image in.png --prompt "a red circle" --target-prompt "a blue circle" --steps 50 --out out/',
     "presets": "diffuse presets",
-    "train-vae": "diffuse train-vae --preset vae-shapes-f4 --out runs/vae --export models/vae-shapes\n  diffuse train-vae --preset vae-folder-f8 --data folder:photos --out runs/vae-photos\n  diffuse train-vae --out runs/vae --resume --max-steps 6000 --export models/vae-shapes --overwrite",
+    "train-vae": "diffuse train-vae --preset vae-shapes-f4 --out runs/vae --export models/vae-shapes\n  diffuse train-vae --preset vae-folder-f8 --data folder:photos --out runs/vae-photos\n  diffuse train-vae --out runs/vae --resume --max-steps 6000 --export models/vae-shapes --overwrite\n  diffuse train-vae --preset vae-shapes-f4 --init-from training/vae-shapes/model --out runs/vae-longer",
     "info": "diffuse info shapes",
     "samplers": "diffuse samplers",
     "eval": "diffuse eval adherence --model shapes --n-per-family 50 --guidance-sweep 1,2,3,4,6",
@@ -361,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder (config, checkpoints/, samples/ reconstructions, metrics.csv)")
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    p.add_argument("--init-from", metavar="VAE_FOLDER", help="start a new run from an exported VAE of the same preset "
+                                                            "(to train it longer; fresh optimizer and schedule)")
     p.add_argument("--export", metavar="DIR", help="then write a VAE folder (latent scale/shift measured on the data)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --export folder")
 

@@ -87,6 +87,21 @@ def _dataset(cfg: VAERunConfig) -> Any:
     return make_dataset(cfg.train.data, cfg.image_size, **options)
 
 
+def load_initial_vae(vae: VAE, cfg: VAERunConfig, log: Callable[[str], None]) -> None:
+    """``train.init_from=FOLDER``: continue training a VAE folder's weights (e.g. a longer run of an exported VAE) in a
+    new run. The folder's network must be this run's (same VAE config); the optimizer starts fresh."""
+    source = cfg.train.init_from
+    try:
+        codec = VAECodec.load(Path(source))
+    except (FileNotFoundError, checkpoint.CheckpointError) as e:
+        raise TrainingError(f"train.init_from={source!r}: {e}") from None
+    if codec.vae.cfg != cfg.vae:
+        raise TrainingError(f"train.init_from={source!r}: its VAE config differs from this run's vae section; it is another "
+                            f"architecture (start from the preset it was trained with)")
+    vae.load_state_dict(codec.vae.state_dict())
+    log(f"train.init_from: the VAE weights of {source}")
+
+
 def train_vae(cfg: Optional[VAERunConfig], run_dir: Path, *, resume: bool = False, max_steps: Optional[int] = None,
               log: Callable[[str], None] = print) -> TrainResult:
     """Train a new VAE run in ``run_dir`` (or resume it from its newest checkpoint and saved config)."""
@@ -100,11 +115,13 @@ def train_vae(cfg: Optional[VAERunConfig], run_dir: Path, *, resume: bool = Fals
         raise TrainingError(f"dataset has {dataset.channels} channels but vae.in_channels is {cfg.vae.in_channels}")
     if cfg.image_size % cfg.vae.factor:
         raise ValueError(f"image_size {cfg.image_size} is not divisible by the VAE factor {cfg.vae.factor}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint.atomic_write_json(run_dir / RUN_CONFIG, cfg.to_dict())
 
     torch.manual_seed(t.seed)
     vae = VAE(cfg.vae)
+    if t.init_from and not resume:
+        load_initial_vae(vae, cfg, log)
+    run_dir.mkdir(parents=True, exist_ok=True)  # only now: a refused train.init_from leaves no run folder behind
+    checkpoint.atomic_write_json(run_dir / RUN_CONFIG, cfg.to_dict())
     opt = torch.optim.AdamW(vae.parameters(), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay)
     gen = torch.Generator().manual_seed(t.seed + 1)
     step, nimg, bad = 0, 0, 0
@@ -199,13 +216,16 @@ def export_vae(run_dir: Path, out: Path, *, overwrite: bool = False) -> tuple[Pa
 
 def run_cli(args: Any) -> int:
     """``diffuse train-vae``: train (or resume) a VAE run, then export it when ``--export`` is given."""
-    if args.resume and (args.preset or args.data):
-        raise ValueError("--resume continues a run with its saved config; drop --preset and --data (only --max-steps may change)")
+    if args.resume and (args.preset or args.data or args.init_from):
+        raise ValueError("--resume continues a run with its saved config; drop --preset, --data and --init-from (only "
+                         "--max-steps may change)")
     cfg = None
     if not args.resume:
         cfg = vae_preset(args.preset or "vae-tiny")
         if args.data:
             cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, data=args.data))
+        if args.init_from:
+            cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from=args.init_from))
     if args.max_steps is not None and args.max_steps < 1:
         raise ValueError(f"--max-steps must be >= 1, got {args.max_steps}")
     result = train_vae(cfg, Path(args.out), resume=args.resume, max_steps=args.max_steps)

@@ -74,6 +74,24 @@ def test_trained_round_trip_psnr_and_unit_latent_std(trained):
     assert (root / "run" / "metrics.csv").exists() and (root / "run" / "samples" / "step-00000040.png").exists()
 
 
+def test_init_from_continues_an_exported_vae_and_refuses_another_architecture(trained, tmp_path):
+    from diffuse.train import TrainingError
+
+    root, folder, info = trained
+    start = VAECodec.load(folder).vae.state_dict()
+    cfg = vae_preset("vae-tiny")
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from=str(folder), lr=1e-12, warmup_steps=0))
+    logged: list[str] = []
+    train_vae(cfg, tmp_path / "more", max_steps=2, log=logged.append)  # lr 1e-12: the weights stay the exported ones
+    continued = VAECodec.load(export_vae(tmp_path / "more", tmp_path / "vae")[0]).vae.state_dict()
+    assert f"train.init_from: the VAE weights of {folder}" in logged
+    assert max(float((continued[k] - start[k]).abs().max()) for k in start) < 1e-8
+    wider = dataclasses.replace(cfg, vae=dataclasses.replace(cfg.vae, base_channels=16))
+    with pytest.raises(TrainingError, match="its VAE config differs from this run's vae section"):
+        train_vae(wider, tmp_path / "refused", log=logged.append)
+    assert not (tmp_path / "refused").exists()
+
+
 def test_save_load_round_trip_is_exact(tmp_path):
     vae = random_vae()
     x = torch.rand(2, 3, 16, 16) * 2 - 1
