@@ -15,6 +15,11 @@ whose cells satisfy the relation), and the probe adds the relation words' mean |
 --mix P draws that share of the training examples from the full shapes world instead (its six caption families,
 uniformly; most name no place), to find how much of the world's other data stops place words being learned.
 
+--text-aux W adds W x a token-identity loss on the built-in text encoder: each output token, scored against every
+word's input embedding (logits = out @ E^T), must name its own word (cross-entropy). It makes the encoder keep words
+apart that the denoising loss lets it merge ("above" / "below" end 3.5% apart in the shipped model); the probe then
+adds that distance (bench/layout_probe.py's text_separation). The test: does the relation follow once the words differ?
+
 --init MODEL starts from a trained text model's weights (a shipped name or a model folder; its vocabulary, its U-Net
 with --pos added, the new position projections starting at zero) instead of a fresh network: can a model that
 already draws the world learn place words quickly? --out DIR writes the result as a model folder that
@@ -36,7 +41,8 @@ from diffuse.text import WordTokenizer
 from diffuse.losses import denoising_loss
 from diffuse.pipeline import resolve_model
 from diffuse.train import TrainingError, load_initial_weights
-from layout_probe import RELATION_PAIR, cell_shares, red_below_blue  # bench/layout_probe.py
+from layout_probe import RELATION_PAIR, WORD_SWAPS, cell_shares, red_below_blue, text_separation  # bench/layout_probe.py
+import torch.nn.functional as F
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 ap.add_argument("--steps", type=int, default=1200, help="optimizer steps")
@@ -50,6 +56,7 @@ ap.add_argument("--channels", type=int, default=None, help="U-Net model_channels
 ap.add_argument("--captions", default="place", choices=["place", "relation"],
                 help="one object and its cell, or the position family's two objects and their relation")
 ap.add_argument("--mix", type=float, default=0.0, help="share of examples drawn from the full shapes world (0-1)")
+ap.add_argument("--text-aux", type=float, default=0.0, help="weight of the text encoder's token-identity loss (0 = off)")
 ap.add_argument("--init", default="", help="start from this text model's weights (shipped name or folder)")
 ap.add_argument("--out", default="", help="write the final weights as a model folder here (must not exist)")
 args = ap.parse_args()
@@ -104,7 +111,14 @@ def probe():
             diff = (d[0] - d[1]).abs().mean().item()
             relation = [round((d[3] - d[4]).abs().mean().item(), 4), round(red_below_blue(d[3]), 3), round(red_below_blue(d[4]), 3)]
             out.append((sigma, round(diff, 4), round((d[0] - d[2]).abs().mean().item(), 4), round(cell_shares(d[0])[0], 3), *relation))
+        out.append(("above/below in the encoder", *(round(v, 3) for v in text_separation(model, *WORD_SWAPS[0]))))
     model.train(); return out
+def token_identity_loss(prompts):
+    """--text-aux: cross-entropy of each encoder output token against all input word embeddings, target its own word."""
+    enc = model.text_encoder
+    ids, mask = enc.tokenizer.encode(prompts)
+    logits = enc(ids, mask) @ enc.token_embedding.weight.T  # [B, L, V]
+    return F.cross_entropy(logits[mask].float(), ids[mask])
 t0 = time.time()
 for step in range(1, args.steps + 1):
     lr = args.lr * min(1, step / 50)
@@ -116,9 +130,11 @@ for step in range(1, args.steps + 1):
     noise = torch.randn(x0.shape, generator=g)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
         loss = denoising_loss(cfg.loss, model.denoiser, x0, sigma, noise, model.condition(prompts=prompts)).mean()
-    opt.zero_grad(); loss.backward(); torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step()
+        aux = token_identity_loss(prompts) if args.text_aux else torch.zeros(())
+    loss_total = loss + args.text_aux * aux
+    opt.zero_grad(); loss_total.backward(); torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step()
     if step % 50 == 0 or step == 10:
-        print(f"step {step} loss {loss.item():.4f} {time.time()-t0:.0f}s probe(sigma, place diff, content diff, share cell0, relation diff, red below blue for above, for below) {probe()}", flush=True)
+        print(f"step {step} loss {loss.item():.4f} token-identity {aux.item():.3f} {time.time()-t0:.0f}s probe(sigma, place diff, content diff, share cell0, relation diff, red below blue for above, for below) {probe()}", flush=True)
 
 if args.out:
     print("wrote", model.save(Path(args.out)))
