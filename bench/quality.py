@@ -42,7 +42,7 @@ from diffuse.samplers import SAMPLERS  # noqa: E402
 
 FULL = dict(n=898, samplers="euler,heun,dpmpp_2m,unipc,ipndm,ddim:vp", nfe="5,10,20,50", eps_scaling="1.002,1.005,1.01",
             dcw="0.005,-0.005,0.02,-0.02", reference_steps=1000, adherence_per_family=10,
-            out=Path("runs/bench-quality/quality.csv"))
+            out=Path("bench/quality.csv"))  # committed: each session's finished rows, where the next one resumes
 QUICK = dict(n=16, samplers="euler,heun,ddim:vp", nfe="5,10", eps_scaling="1.005", dcw="-0.005", reference_steps=20,
              adherence_per_family=1, out=Path("runs/bench-quality/quick.csv"))
 KEY = ["kind", "model", "model_hash", "ref", "n", "cfg", "sampler", "schedule", "steps", "eps_scaling", "dcw"]
@@ -271,7 +271,7 @@ def main() -> int:
     p.add_argument("--no-fid", action="store_true", help="skip the FID rows")
     p.add_argument("--adherence-per-family", type=int, help="adherence prompts per family (full: 10, i.e. 70 prompts)")
     p.add_argument("--adherence-cfg", type=float, default=2.0, help="guidance scale for adherence (default 2, the shapes default)")
-    p.add_argument("--out", type=Path, help="results CSV, appended to and resumed from (full: runs/bench-quality/quality.csv)")
+    p.add_argument("--out", type=Path, help="results CSV, appended to and resumed from (full: bench/quality.csv, kept in git)")
     args = p.parse_args()
     for name, value in (QUICK if args.quick else FULL).items():
         if getattr(args, name) is None:
