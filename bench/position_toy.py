@@ -113,11 +113,13 @@ def probe():
             out.append((sigma, round(diff, 4), round((d[0] - d[2]).abs().mean().item(), 4), round(cell_shares(d[0])[0], 3), *relation))
         out.append(("above/below in the encoder", *(round(v, 3) for v in text_separation(model, *WORD_SWAPS[0]))))
     model.train(); return out
-def token_identity_loss(prompts):
-    """--text-aux: cross-entropy of each encoder output token against all input word embeddings, target its own word."""
+def token_identity_loss(prompts, cond):
+    """--text-aux: cross-entropy of each encoder output token (cond's, the denoiser's input) against all input word
+    embeddings, target its own word."""
     enc = model.text_encoder
-    ids, mask = enc.tokenizer.encode(prompts)
-    logits = enc(ids, mask) @ enc.token_embedding.weight.T  # [B, L, V]
+    ids, _ = enc.tokenizer.encode(prompts)
+    logits = cond["text"] @ enc.token_embedding.weight.T  # [B, L, V]
+    mask = cond["text_mask"]
     return F.cross_entropy(logits[mask].float(), ids[mask])
 t0 = time.time()
 for step in range(1, args.steps + 1):
@@ -129,8 +131,9 @@ for step in range(1, args.steps + 1):
     sigma = (args.p_mean + args.p_std * torch.randn(args.batch, generator=g)).exp()
     noise = torch.randn(x0.shape, generator=g)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-        loss = denoising_loss(cfg.loss, model.denoiser, x0, sigma, noise, model.condition(prompts=prompts)).mean()
-        aux = token_identity_loss(prompts) if args.text_aux else torch.zeros(())
+        cond = model.condition(prompts=prompts)
+        loss = denoising_loss(cfg.loss, model.denoiser, x0, sigma, noise, cond).mean()
+        aux = token_identity_loss(prompts, cond) if args.text_aux else torch.zeros(())
     loss_total = loss + args.text_aux * aux
     opt.zero_grad(); loss_total.backward(); torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step()
     if step % 50 == 0 or step == 10:
