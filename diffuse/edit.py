@@ -65,7 +65,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from . import rng
-from .masks import inpaint_concat, model_space_mask, replace_all
+from .masks import concat_without_picture, inpaint_concat, model_space_mask
 from .pipeline import Generated, SampleSettings, guided_denoiser
 from .record import file_hash, pixels_hash, read_record
 from .samplers import get_sampler
@@ -369,9 +369,10 @@ def _edit(pipe: "Pipeline", kind: str, inp: InputImage, pixel_mask: Optional[np.
     if pixel_mask is not None:
         m_pix = torch.from_numpy(pixel_mask)[None, None].to(pipe.device)
         mask = model_space_mask(m_pix, pipe.codec.factor)
-    if pipe.model.cfg.inpainting:  # it also sees the mask and what is kept (without a mask: everything is replaced)
-        concat = (inpaint_concat(pipe.codec, pixels, m_pix) if mask is not None
-                  else replace_all(pipe.codec, 1, h, pipe.device))
+    if pipe.model.cfg.inpainting and mask is not None:  # it also sees the mask and what is kept
+        concat = inpaint_concat(pipe.codec, pixels, m_pix)
+    else:
+        concat = concat_without_picture(pipe.model.cfg.inpainting, pipe.codec, 1, h, pipe.device)
     # starting content: the whole input when strength < 1 (SDEdit); at strength 1 only the kept part
     start = x0 if strength < 1 else (x0 * (1 - mask) if mask is not None else torch.zeros_like(x0))
     out: list[Generated] = []
@@ -519,7 +520,7 @@ def invert(pipe: "Pipeline", image: ImageSource, prompt: Optional[str] = None, *
     x0 = pipe.codec.encode(_to_tensor(pipe, inp.pixels))
     h, w = inp.pixels.shape[:2]
     sampler = get_sampler(settings.sampler)
-    concat = replace_all(pipe.codec, 1, h, pipe.device) if pipe.model.cfg.inpainting else None  # an inpainting model: no mask
+    concat = concat_without_picture(pipe.model.cfg.inpainting, pipe.codec, 1, h, pipe.device)  # an inpainting model: no mask
 
     def denoiser_for(p: Optional[str], label: Optional[int]) -> tuple[Callable, Any]:
         return guided_denoiser(pipe.model, settings, 1, prompts=None if p is None else [p], concat=concat,

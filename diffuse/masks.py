@@ -20,7 +20,7 @@ everything" input (:func:`replace_all`).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +53,12 @@ def replace_all(codec: "Codec", batch: int, side: int, device: torch.device | st
     """The concat input that replaces everything (pixel side ``side``): plain generation with an inpainting model."""
     pixels = torch.zeros(batch, codec.image_channels, side, side, device=device)
     return inpaint_concat(codec, pixels, torch.ones(batch, 1, side, side, device=device))
+
+
+def concat_without_picture(inpainting: bool, codec: "Codec", batch: int, side: int,
+                           device: torch.device | str = "cpu") -> Optional[torch.Tensor]:
+    """``cond['concat']`` when there is no picture to keep: :func:`replace_all` for an inpainting model, None otherwise."""
+    return replace_all(codec, batch, side, device) if inpainting else None
 
 
 def _uniform(gen: torch.Generator, lo: float = 0.0, hi: float = 1.0) -> float:

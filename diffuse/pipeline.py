@@ -18,7 +18,7 @@ from PIL import Image
 
 from . import __version__, fastpath, rng, safety, schedules, watermark
 from .codec import Codec, PixelCodec, VAECodec
-from .masks import replace_all
+from .masks import concat_without_picture
 from .corrections import DCW, EpsScaling, check_dcw, check_eps_scaling
 from .guidance import CFGDenoiser, check_interval
 from .model import DiffusionModel
@@ -104,10 +104,10 @@ def generate(model: DiffusionModel, settings: SampleSettings, seeds: Sequence[in
     (the model's own channels and side) and the result is decoded to pixels.
     """
     device = next(model.parameters()).device
-    factor = codec.factor if codec is not None else 1
-    res = size // factor if size else model.cfg.image_size
+    codec = codec or PixelCodec(model.cfg.channels)
+    res = size // codec.factor if size else model.cfg.image_size
     batch = len(seeds)
-    concat = replace_all(codec or PixelCodec(model.cfg.channels), batch, res * factor, device) if model.cfg.inpainting else None
+    concat = concat_without_picture(model.cfg.inpainting, codec, batch, res * codec.factor, device)
     denoiser, cond = guided_denoiser(model, settings, batch, prompts=prompts, negative=negative, labels=labels, concat=concat)
     sigmas = settings.sigmas(model)
     post_step = settings.post_step(float(sigmas[0]))
@@ -116,9 +116,7 @@ def generate(model: DiffusionModel, settings: SampleSettings, seeds: Sequence[in
     sampler = get_sampler(settings.sampler)
     out = sampler(denoiser, x, sigmas, cond, generator=generators, callback=callback, post_step=post_step,
                   **settings.sampler_options)
-    if codec is not None:
-        out = codec.decode(out)
-    return out.clamp(-1, 1)
+    return codec.decode(out).clamp(-1, 1)
 
 
 # ---------------------------------------------------------------- the user-facing pipeline
