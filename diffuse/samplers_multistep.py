@@ -306,33 +306,49 @@ def _unipc_update(x: torch.Tensor, sigma: float, sigma_next: float, hist: list[t
 
 @register(MULTISTEP, "unipc", nfe=_one_per_step, stochastic=False)
 def unipc(model: CountingDenoiser, x: torch.Tensor, sigmas: list[float], *, generator: Generators = None,
-          callback: Optional[Callback] = None, order: int = 3, corrector: bool = True) -> torch.Tensor:
+          callback: Optional[Callback] = None, order: int = 2, corrector: bool = True,
+          lower_order_final: bool = True) -> torch.Tensor:
     """UniPC (Zhao et al. 2023, "UniPC: A Unified Predictor-Corrector Framework", Algorithms
     2-3, B(h) = e^h - 1, data prediction): a UniP-``order`` multistep predictor, and after
     each new evaluation the UniC corrector that raises the order by one at no extra NFE
     (the evaluation at the predicted point is reused as history). Warm start with lower
-    orders; the last step to sigma = 0 is first order and has no corrector. A post-step
-    correction (see :mod:`diffuse.steps`) acts on the predicted point, where the model is
+    orders; the last step to sigma = 0 is first order and has no corrector.
+
+    ``order`` defaults to 2 (UniPC-2 with its corrector, third order overall), the paper's advice for
+    guided sampling and diffusers' default: on the digits model with CFG 1.5 (Karras, 64 images) the
+    RMS distance to a 300-step solution is 0.111 / 0.042 / 0.0058 / 0.0009 at 5 / 10 / 20 / 50 steps
+    against 0.295 / 0.106 / 0.0054 / 0.0009 for order 3.
+
+    ``lower_order_final`` (the official code's option of that name, on by default): the order of
+    the step from sigma_i is at most the number of steps left, so with few steps the long last
+    steps in lambda (Karras schedule, 10 steps: h = 3.2 from 0.05 to sigma_min) do not extrapolate
+    a cubic from short earlier steps (order 3 at 10 steps on the digits model: 0.129 -> 0.106). Each
+    corrector uses the history its predictor used.
+
+    A post-step correction (see :mod:`diffuse.steps`) acts on the predicted point, where the model is
     evaluated next, and the same change is added to the corrector's state. x: [B, ...]."""
     _check_order("unipc", order, 3)
     hist: list[tuple[float, torch.Tensor]] = []  # (lambda, denoised), newest first
+    used: list[tuple[float, torch.Tensor]] = []  # the history the last predictor step used
     x_prev: Optional[torch.Tensor] = None
     shift: Optional[torch.Tensor] = None  # what a post-step correction added to the predicted point
-    for i in range(len(sigmas) - 1):
+    n = len(sigmas) - 1
+    for i in range(n):
         denoised = model(x, sigmas[i])
         # ---- corrector UniC for the step just taken, from the same starting point; it recomputes
         #      the state, so a post-step correction of the predicted point is carried over to it
         if corrector and x_prev is not None:
-            x = _unipc_update(x_prev, sigmas[i - 1], sigmas[i], hist, denoised)
+            x = _unipc_update(x_prev, sigmas[i - 1], sigmas[i], used, denoised)
             if shift is not None:
                 x = x + shift
         hist = [(_lam(sigmas[i]), denoised)] + hist[: order - 1]
+        used = hist[: min(order, n - i)] if lower_order_final else hist
         x_prev = x
         # ---- predictor UniP (first order for the jump to sigma = 0)
         if sigmas[i + 1] == 0:
             x = denoised
         else:
-            x = _unipc_update(x, sigmas[i], sigmas[i + 1], hist, None)
+            x = _unipc_update(x, sigmas[i], sigmas[i + 1], used, None)
         predicted = x
         x = report(callback, model, i, sigmas, x, denoised)
         shift = None if x is predicted else x - predicted

@@ -76,6 +76,17 @@ def test_unipc_corrector_raises_the_order(mixture2, ode_start):
     assert with_c < without / 2
 
 
+def test_unipc_lower_order_final_caps_the_order_by_the_steps_left(mixture2, ode_start):
+    """4 steps: the step from sigma_2 has two steps left, so order 3 runs as order 2 there (and its
+    corrector with the same history); the warm start already limits the steps before it."""
+    x, _ = ode_start
+    sigmas = schedules.karras(4, SIGMA_MIN, SIGMA_MAX)
+    third = MULTISTEP["unipc"](mixture2.denoiser, x, sigmas, order=3)
+    torch.testing.assert_close(third, MULTISTEP["unipc"](mixture2.denoiser, x, sigmas, order=2), rtol=0, atol=0)
+    uncapped = MULTISTEP["unipc"](mixture2.denoiser, x, sigmas, order=3, lower_order_final=False)
+    assert rms(uncapped, third) > 1e-6
+
+
 # ---------------------------------------------------------------- SDE samples the data distribution
 
 @pytest.mark.parametrize("name", SDE_SAMPLERS)
