@@ -153,6 +153,10 @@ def open_codec(cfg: RunConfig) -> Optional[VAECodec]:
     """The frozen VAE of a latent model (``model.codec`` names its folder), or None for a pixel model."""
     if not cfg.model.codec:
         return None
+    if not Path(cfg.model.codec).is_dir():
+        raise TrainingError(f"model.codec={cfg.model.codec}: no VAE folder there; export one there first (diffuse train-vae "
+                            f"--preset vae-shapes-f4 (or vae-folder-f8) --out runs/vae --export {cfg.model.codec}) or "
+                            f"--set model.codec=PATH (training/vae-shapes/model in the repository is a trained shapes VAE)")
     codec = VAECodec.load(Path(cfg.model.codec))
     if codec.latent_channels != cfg.model.channels:
         raise TrainingError(f"the VAE {cfg.model.codec} makes {codec.latent_channels}-channel latents but model.channels is "

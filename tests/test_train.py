@@ -249,3 +249,10 @@ def test_folder_preset_trains_an_unconditional_pixel_model_on_an_image_folder(tm
     model, _ = DiffusionModel.load(export_run(tmp_path / "run", tmp_path / "model"))
     x = torch.randn(1, 3, 32, 32)
     assert model.denoise(x, torch.tensor([1.0]), model.condition()).shape == (1, 3, 32, 32)
+
+
+def test_a_latent_preset_without_its_vae_is_a_one_line_error_and_writes_nothing(tmp_path):
+    cfg = apply_overrides(preset("latent-shapes-t2i"), [f"model.codec={tmp_path / 'no-vae'}"])
+    with pytest.raises(TrainingError, match=r"model.codec=.*no-vae: no VAE folder there; export one there first"):
+        train(cfg, tmp_path / "run", progress=False, log=lambda s: None)
+    assert not (tmp_path / "run").exists()
