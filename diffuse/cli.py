@@ -132,6 +132,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from .pipeline import Pipeline
     from .plot import image_grid
+    from .regions import Region, plan_relation
     from .rng import parse_seeds
 
     if args.prompt is not None and len(args.prompt) > 1000:
@@ -140,6 +141,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     pipe = Pipeline.load(args.model, vae_tile=args.vae_tile, **fast_path_options(args))
     keys = provenance_options(pipe, args)
     settings = sample_settings(pipe, args)
+    notes = pipe.check_prompt(args.prompt, args.negative)  # refuse bad input before any folder or progress bar
+    size = pipe.check_size(args.size) if args.size is not None else pipe.model.cfg.image_size * pipe.codec.factor
+    regions = [Region.parse(text) for text in args.region or []]
+    if args.plan_layout:
+        if regions:
+            raise ValueError("give --region boxes or --plan-layout, not both")
+        regions = plan_relation(args.prompt or "")
+    pipe.check_regions(regions, size)
     out = writable_folder(Path(args.out))
     stem = slug(args.prompt) if args.prompt else pipe.name  # unconditional models: just the model's name
     if not args.prompt and args.class_label is not None:
@@ -149,13 +158,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     existing = [p for p in paths + ([grid_path] if args.grid else []) if p.exists()]
     if existing and not args.overwrite:
         raise ValueError(f"{existing[0]} already exists; pass --overwrite to replace it or choose another --out")
-    for note in pipe.check_prompt(args.prompt, args.negative):  # refuse bad input before the progress bar starts
+    for note in notes:
         print(f"note: {note}", file=sys.stderr)
-    if args.size is not None:
-        pipe.check_size(args.size)
     bar = tqdm(total=len(seeds) * settings.steps, desc="generate", unit="step", disable=args.quiet)
     images = pipe(args.prompt, negative=args.negative, class_label=args.class_label, seeds=seeds, settings=settings,
-                  size=args.size, batch_size=args.batch_size, callback=lambda info: bar.update(len(info.x)))
+                  size=args.size, batch_size=args.batch_size, callback=lambda info: bar.update(len(info.x)), regions=regions)
     bar.close()
     write_results(images, paths, args, keys)
     if args.grid:
@@ -395,6 +402,12 @@ def build_parser() -> argparse.ArgumentParser:
     _generation_flags(p)
     _correction_flags(p)
     p.add_argument("--size", type=int, help="image size in pixels; default: the model's native size")
+    p.add_argument("--region", action="append", metavar="X0,Y0,X1,Y1=PROMPT",
+                   help="a prompt for a box of the canvas (fractions, 0,0 the top left), fused with the whole prompt at "
+                        "every step (MultiDiffusion); repeat for more boxes, e.g. --region \"0,0,1,0.5=a red circle at the top\"")
+    p.add_argument("--plan-layout", action="store_true",
+                   help="shapes models: split a relation prompt (\"a red circle above a blue square\") into two regions "
+                        "that satisfy it")
     p.add_argument("--grid", action="store_true", help="also write a grid of all images")
     _provenance_flags(p)
     _fast_path_flags(p)

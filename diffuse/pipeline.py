@@ -18,12 +18,13 @@ from PIL import Image
 
 from . import __version__, fastpath, rng, safety, schedules, watermark
 from .codec import Codec, PixelCodec, VAECodec
-from .masks import concat_without_picture
 from .corrections import DCW, EpsScaling, check_dcw, check_eps_scaling
 from .guidance import CFGDenoiser, check_interval
+from .masks import concat_without_picture
 from .model import DiffusionModel
 from .plot import to_uint8
 from .record import file_hash, save_png
+from .regions import Region, RegionDenoiser, region_weights
 from .samplers import get_sampler
 from .steps import StepInfo
 
@@ -97,11 +98,13 @@ def guided_denoiser(model: DiffusionModel, settings: SampleSettings, batch: int,
 def generate(model: DiffusionModel, settings: SampleSettings, seeds: Sequence[int], *,
              prompts: Optional[Sequence[str]] = None, negative: Optional[Sequence[str]] = None,
              labels: Optional[Sequence[int]] = None, size: Optional[int] = None,
-             callback: Optional[Callable[[StepInfo], None]] = None, codec: Optional[Codec] = None) -> torch.Tensor:
+             callback: Optional[Callable[[StepInfo], None]] = None, codec: Optional[Codec] = None,
+             regions: Sequence[Region] = ()) -> torch.Tensor:
     """Sample len(seeds) images [B, C, H, W] in [-1, 1] (float32); ``size`` is in pixels.
 
     With a latent ``codec`` the sampler runs on latents [B, latent_channels, size/f, size/f]
-    (the model's own channels and side) and the result is decoded to pixels.
+    (the model's own channels and side) and the result is decoded to pixels. ``regions`` (text models):
+    a prompt per box, fused with the whole prompt per pixel at every step (:mod:`diffuse.regions`).
     """
     device = next(model.parameters()).device
     codec = codec or PixelCodec(model.cfg.channels)
@@ -109,6 +112,12 @@ def generate(model: DiffusionModel, settings: SampleSettings, seeds: Sequence[in
     batch = len(seeds)
     concat = concat_without_picture(model.cfg.inpainting, codec, batch, res * codec.factor, device)
     denoiser, cond = guided_denoiser(model, settings, batch, prompts=prompts, negative=negative, labels=labels, concat=concat)
+    if regions:
+        if model.cfg.conditioning != "text":
+            raise ValueError("regional prompts need a text model; this model is not one")
+        paths = [(denoiser, cond)] + [guided_denoiser(model, settings, batch, prompts=[r.prompt] * batch, negative=negative,
+                                                      concat=concat) for r in regions]
+        denoiser, cond = RegionDenoiser(paths, region_weights([r.box for r in regions], res)), None
     sigmas = settings.sigmas(model)
     post_step = settings.post_step(float(sigmas[0]))
     generators = rng.generators_for(seeds, "cpu")
@@ -213,21 +222,25 @@ class Pipeline:
 
     def __call__(self, prompt: Optional[str] = None, *, negative: Optional[str] = None, class_label: Optional[int] = None,
                  seeds: Sequence[int] | str | int = 0, settings: Optional[SampleSettings] = None, size: Optional[int] = None,
-                 batch_size: int = 8, callback: Optional[Callable[[StepInfo], None]] = None) -> list[Generated]:
+                 batch_size: int = 8, callback: Optional[Callable[[StepInfo], None]] = None,
+                 regions: Sequence[Region | str] = ()) -> list[Generated]:
         seed_list = rng.parse_seeds(seeds)
         n = len(seed_list)
         return self.generate_batch(seed_list, prompts=None if prompt is None else [prompt] * n, negative=negative,
                                    class_labels=None if class_label is None else [class_label] * n, settings=settings,
-                                   size=size, batch_size=batch_size, callback=callback)
+                                   size=size, batch_size=batch_size, callback=callback, regions=regions)
 
     def generate_batch(self, seeds: Sequence[int], *, prompts: Optional[Sequence[str]] = None, negative: Optional[str] = None,
                        class_labels: Optional[Sequence[int]] = None, settings: Optional[SampleSettings] = None,
                        size: Optional[int] = None, batch_size: int = 8,
-                       callback: Optional[Callable[[StepInfo], None]] = None) -> list[Generated]:
+                       callback: Optional[Callable[[StepInfo], None]] = None,
+                       regions: Sequence[Region | str] = ()) -> list[Generated]:
         """One image per seed, image i from ``prompts[i]`` (or ``class_labels[i]``); a batch may mix prompts.
 
         Image i depends only on its prompt, seed and settings, not on ``batch_size`` or its neighbors.
+        ``regions``: :class:`~diffuse.regions.Region` or ``"X0,Y0,X1,Y1=PROMPT"`` strings, the same for every image.
         """
+        regions = [r if isinstance(r, Region) else Region.parse(r) for r in regions]
         settings = settings or self.defaults
         seeds = rng.parse_seeds(seeds)
         for name, values in (("prompts", prompts), ("class_labels", class_labels)):
@@ -236,6 +249,7 @@ class Pipeline:
         res = self.check_size(size or self.model.cfg.image_size * self.codec.factor)
         for prompt in dict.fromkeys(prompts or [None]):
             self.check_prompt(prompt, negative)
+        self.check_regions(regions, res)
         sigma_list = settings.sigmas(self.model).tolist()
         out: list[Generated] = []
         for start in range(0, len(seeds), batch_size):
@@ -244,13 +258,13 @@ class Pipeline:
             chunk_labels = class_labels[start:start + batch_size] if class_labels is not None else None
             images = generate(self.model, settings, chunk, size=res, callback=callback, prompts=chunk_prompts,
                               negative=[negative] * len(chunk) if negative is not None else None, labels=chunk_labels,
-                              codec=None if isinstance(self.codec, PixelCodec) else self.codec)
+                              codec=None if isinstance(self.codec, PixelCodec) else self.codec, regions=regions)
             for i, (seed, arr) in enumerate(zip(chunk, to_uint8(images))):
                 image, mark = self.finish(Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr), seed)
                 prompt = chunk_prompts[i] if chunk_prompts is not None else None
                 label = chunk_labels[i] if chunk_labels is not None else None
                 out.append(Generated(image, seed, {**self.record(prompt, negative, label, seed, settings, res, sigma_list),
-                                                   "watermark": mark}))
+                                                   "regions": [r.to_dict() for r in regions], "watermark": mark}))
         return out
 
     def finish(self, image: Image.Image, seed: Optional[int]) -> tuple[Image.Image, dict[str, Any]]:
@@ -298,6 +312,18 @@ class Pipeline:
         assert self.model.text_encoder is not None
         return [f"{what}: {note}" for text, what in ((prompt, "prompt"), (negative, "negative prompt")) if text
                 for note in self.model.text_encoder.prompt_warnings(text)]
+
+    def check_regions(self, regions: Sequence[Region], size: int) -> None:
+        """Refuse regional prompts on a model without text, region prompts :meth:`check_prompt` refuses (naming
+        the region) and boxes that cover no pixel of a ``size`` x ``size`` image."""
+        if regions and self.model.cfg.conditioning != "text":
+            raise ValueError(f"regional prompts need a text model; {self.name} is not one")
+        for region in regions:
+            try:
+                self.check_prompt(region.prompt, None)
+            except ValueError as e:
+                raise ValueError(f"region {region.spec()}: {e}") from None
+        region_weights([r.box for r in regions], size // self.codec.factor)
 
     def record(self, prompt: Optional[str], negative: Optional[str], class_label: Optional[int], seed: int,
                settings: SampleSettings, size: int, sigmas: list[float]) -> dict[str, Any]:

@@ -56,6 +56,7 @@ from PIL import Image
 from . import __version__, edit
 from .pipeline import Pipeline, SampleSettings
 from .record import read_record
+from .regions import Region
 
 DEFAULT_TOLERANCE = 1.0  # mean |difference| in 8-bit levels, when bit-exactness is not expected
 LARGE_DIFF, LARGE_FRACTION = 16, 0.01
@@ -270,7 +271,8 @@ def _replay_generate(pipe: Pipeline, record: dict[str, Any], settings: SampleSet
     prompt, label = record.get("prompt"), record.get("class_label")
     [g] = pipe.generate_batch([record["seed"]], prompts=None if prompt is None else [prompt],
                               negative=record.get("negative_prompt"), class_labels=None if label is None else [label],
-                              settings=settings, size=record["width"])
+                              settings=settings, size=record["width"],
+                              regions=[Region.from_dict(r) for r in record.get("regions") or []])
     return g.image
 
 
