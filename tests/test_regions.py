@@ -55,9 +55,9 @@ def test_parse_and_its_one_line_errors():
 
 def test_the_planner_gives_each_object_the_half_its_relation_needs():
     assert plan_relation("a red circle above a blue square") == [
-        Region("a red circle at the top", (0, 0, 1, 0.5)), Region("a blue square at the bottom", (0, 0.5, 1, 1))]
+        Region("a red circle at the top right", (0, 0, 1, 0.5)), Region("a blue square at the bottom right", (0, 0.5, 1, 1))]
     assert plan_relation("a large red circle to the right of a blue square") == [
-        Region("a large red circle on the right", (0.5, 0, 1, 1)), Region("a blue square on the left", (0, 0, 0.5, 1))]
+        Region("a large red circle at the top right", (0.5, 0, 1, 1)), Region("a blue square at the bottom left", (0, 0, 0.5, 1))]
     for prompt in ["a red circle", "two red circles", "a red circle at the top above a blue square", "a dragon"]:
         with pytest.raises(ValueError, match="cannot plan a layout for"):
             plan_relation(prompt)
