@@ -1,6 +1,6 @@
 """Does a layout help the shapes model draw relations? Plain sampling against `--plan-layout`.
 
-For each position-family prompt ("a red circle above a blue square"), :func:`diffuse.regions.plan_relation`
+For each position-family prompt ("a red circle above a blue square"), :func:`diffuse.regions.plan_layout`
 gives each object a half of the canvas that satisfies the relation and a sub-prompt naming the matching
 place ("a red circle at the top", "a blue square at the bottom"); the pipeline fuses the two guided
 denoisers per pixel at every step (MultiDiffusion, :mod:`diffuse.regions`). The same prompts and seeds are
@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffuse import adherence, shapes  # noqa: E402
 from diffuse.pipeline import Pipeline  # noqa: E402
-from diffuse.regions import RELATION_LAYOUT, plan_relation  # noqa: E402
+from diffuse.regions import RELATION_LAYOUT  # noqa: E402
 
 
 def main() -> None:
@@ -42,8 +42,8 @@ def main() -> None:
     tally: dict[tuple[str, str], list[int]] = {}
     for seed, prompt in enumerate(prompts):
         relation = shapes.parse_prompt(prompt).relation
-        for how, regions in (("plain", []), ("planned", plan_relation(prompt))):
-            [g] = pipe(prompt, seeds=[seed], regions=regions)
+        for how, plan in (("plain", False), ("planned", True)):
+            [g] = pipe(prompt, seeds=[seed], plan_layout=plan)
             ok = adherence.score(np.asarray(g.image), prompt).ok
             for key in ((how, relation), (how, "all")):
                 counts = tally.setdefault(key, [0, 0])

@@ -132,7 +132,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from .pipeline import Pipeline
     from .plot import image_grid
-    from .regions import Region, plan_relation
+    from .regions import Region, plan_layout
     from .rng import parse_seeds
 
     if args.prompt is not None and len(args.prompt) > 1000:
@@ -147,7 +147,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.plan_layout:
         if regions:
             raise ValueError("give --region boxes or --plan-layout, not both")
-        regions = plan_relation(args.prompt or "")
+        plan_layout(args.prompt or "")  # a prompt it cannot plan is an error here, not a silent plain image
     pipe.check_regions(regions, size)
     out = writable_folder(Path(args.out))
     stem = slug(args.prompt) if args.prompt else pipe.name  # unconditional models: just the model's name
@@ -162,7 +162,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"note: {note}", file=sys.stderr)
     bar = tqdm(total=len(seeds) * settings.steps, desc="generate", unit="step", disable=args.quiet)
     images = pipe(args.prompt, negative=args.negative, class_label=args.class_label, seeds=seeds, settings=settings,
-                  size=args.size, batch_size=args.batch_size, callback=lambda info: bar.update(len(info.x)), regions=regions)
+                  size=args.size, batch_size=args.batch_size, callback=lambda info: bar.update(len(info.x)), regions=regions,
+                  plan_layout=args.plan_layout)
     bar.close()
     write_results(images, paths, args, keys)
     if args.grid:
@@ -406,8 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a prompt for a box of the canvas (fractions, 0,0 the top left), fused with the whole prompt at "
                         "every step (MultiDiffusion); repeat for more boxes, e.g. --region \"0,0,1,0.5=a red circle at the top\"")
     p.add_argument("--plan-layout", action="store_true",
-                   help="shapes models: split a relation prompt (\"a red circle above a blue square\") into two regions "
-                        "that satisfy it")
+                   help="shapes models: lay out a prompt of two objects (\"a red circle above a blue square\", \"... and ...\") "
+                        "as two regions, one object each")
     p.add_argument("--grid", action="store_true", help="also write a grid of all images")
     _provenance_flags(p)
     _fast_path_flags(p)
@@ -441,6 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", help="sigma schedule; default: the model's")
     _correction_flags(p)
     p.add_argument("--guidance-sweep", metavar="W1,W2,...", help="evaluate each guidance scale on the same prompts and seeds, e.g. 1,2,3,4,6")
+    p.add_argument("--plan-layout", action="store_true", help="lay out each prompt of two single objects as two regions "
+                   "(as `diffuse generate --plan-layout`); the other prompts are sampled plainly")
     p.add_argument("--batch-size", type=int, default=16, help="images sampled together (results do not depend on it)")
     p.add_argument("--save-images", action="store_true", help="write the images (PNG with records) and prompts.jsonl to --out")
     p.add_argument("--out", default="out/adherence", help="folder for --save-images (one subfolder cfg-W per swept scale)")

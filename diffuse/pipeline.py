@@ -24,7 +24,7 @@ from .masks import concat_without_picture
 from .model import DiffusionModel
 from .plot import to_uint8
 from .record import file_hash, save_png
-from .regions import Region, RegionDenoiser, region_weights
+from .regions import Region, RegionDenoiser, planned, region_weights
 from .samplers import get_sampler
 from .steps import StepInfo
 
@@ -99,12 +99,13 @@ def generate(model: DiffusionModel, settings: SampleSettings, seeds: Sequence[in
              prompts: Optional[Sequence[str]] = None, negative: Optional[Sequence[str]] = None,
              labels: Optional[Sequence[int]] = None, size: Optional[int] = None,
              callback: Optional[Callable[[StepInfo], None]] = None, codec: Optional[Codec] = None,
-             regions: Sequence[Region] = ()) -> torch.Tensor:
+             regions: Optional[Sequence[Sequence[Region]]] = None) -> torch.Tensor:
     """Sample len(seeds) images [B, C, H, W] in [-1, 1] (float32); ``size`` is in pixels.
 
     With a latent ``codec`` the sampler runs on latents [B, latent_channels, size/f, size/f]
     (the model's own channels and side) and the result is decoded to pixels. ``regions`` (text models):
-    a prompt per box, fused with the whole prompt per pixel at every step (:mod:`diffuse.regions`).
+    image i's regions[i], each a prompt for a box, fused with the whole prompt per pixel at every step
+    (:mod:`diffuse.regions`); images may have different regions, or none.
     """
     device = next(model.parameters()).device
     codec = codec or PixelCodec(model.cfg.channels)
@@ -112,12 +113,8 @@ def generate(model: DiffusionModel, settings: SampleSettings, seeds: Sequence[in
     batch = len(seeds)
     concat = concat_without_picture(model.cfg.inpainting, codec, batch, res * codec.factor, device)
     denoiser, cond = guided_denoiser(model, settings, batch, prompts=prompts, negative=negative, labels=labels, concat=concat)
-    if regions:
-        if model.cfg.conditioning != "text":
-            raise ValueError("regional prompts need a text model; this model is not one")
-        paths = [(denoiser, cond)] + [guided_denoiser(model, settings, batch, prompts=[r.prompt] * batch, negative=negative,
-                                                      concat=concat) for r in regions]
-        denoiser, cond = RegionDenoiser(paths, region_weights([r.box for r in regions], res)), None
+    if regions is not None and any(regions):
+        denoiser, cond = regional_denoiser(model, settings, (denoiser, cond), prompts, regions, negative, concat, res), None
     sigmas = settings.sigmas(model)
     post_step = settings.post_step(float(sigmas[0]))
     generators = rng.generators_for(seeds, "cpu")
@@ -126,6 +123,25 @@ def generate(model: DiffusionModel, settings: SampleSettings, seeds: Sequence[in
     out = sampler(denoiser, x, sigmas, cond, generator=generators, callback=callback, post_step=post_step,
                   **settings.sampler_options)
     return codec.decode(out).clamp(-1, 1)
+
+
+def regional_denoiser(model: DiffusionModel, settings: SampleSettings, whole: tuple[Callable, Any],
+                      prompts: Optional[Sequence[str]], regions: Sequence[Sequence[Region]],
+                      negative: Optional[Sequence[str]], concat: Optional[torch.Tensor], side: int) -> RegionDenoiser:
+    """The whole prompts' guided denoiser ``whole`` fused with image i's regions[i] per pixel: path k runs region k of
+    every image at once (an image with fewer regions runs its whole prompt there, with weight 0)."""
+    if model.cfg.conditioning != "text" or prompts is None:
+        raise ValueError("regional prompts need a text model and its prompts")
+    if len(regions) != len(prompts):
+        raise ValueError(f"got regions for {len(regions)} images and {len(prompts)} prompts; give one list per image")
+    paths, weights = [whole], []
+    per_image = [region_weights([r.box for r in rs], side) for rs in regions]  # [1 + R_i, 1, 1, side, side] each
+    for k in range(max(len(rs) for rs in regions)):
+        texts = [rs[k].prompt if k < len(rs) else p for rs, p in zip(regions, prompts)]
+        paths.append(guided_denoiser(model, settings, len(prompts), prompts=texts, negative=negative, concat=concat))
+    for k in range(len(paths)):
+        weights.append(torch.cat([w[k] if k < len(w) else torch.zeros_like(w[0]) for w in per_image]))  # [B, 1, side, side]
+    return RegionDenoiser(paths, torch.stack(weights))
 
 
 # ---------------------------------------------------------------- the user-facing pipeline
@@ -223,24 +239,29 @@ class Pipeline:
     def __call__(self, prompt: Optional[str] = None, *, negative: Optional[str] = None, class_label: Optional[int] = None,
                  seeds: Sequence[int] | str | int = 0, settings: Optional[SampleSettings] = None, size: Optional[int] = None,
                  batch_size: int = 8, callback: Optional[Callable[[StepInfo], None]] = None,
-                 regions: Sequence[Region | str] = ()) -> list[Generated]:
+                 regions: Sequence[Region | str] = (), plan_layout: bool = False) -> list[Generated]:
         seed_list = rng.parse_seeds(seeds)
         n = len(seed_list)
         return self.generate_batch(seed_list, prompts=None if prompt is None else [prompt] * n, negative=negative,
                                    class_labels=None if class_label is None else [class_label] * n, settings=settings,
-                                   size=size, batch_size=batch_size, callback=callback, regions=regions)
+                                   size=size, batch_size=batch_size, callback=callback, regions=regions,
+                                   plan_layout=plan_layout)
 
     def generate_batch(self, seeds: Sequence[int], *, prompts: Optional[Sequence[str]] = None, negative: Optional[str] = None,
                        class_labels: Optional[Sequence[int]] = None, settings: Optional[SampleSettings] = None,
                        size: Optional[int] = None, batch_size: int = 8,
                        callback: Optional[Callable[[StepInfo], None]] = None,
-                       regions: Sequence[Region | str] = ()) -> list[Generated]:
+                       regions: Sequence[Region | str] = (), plan_layout: bool = False) -> list[Generated]:
         """One image per seed, image i from ``prompts[i]`` (or ``class_labels[i]``); a batch may mix prompts.
 
         Image i depends only on its prompt, seed and settings, not on ``batch_size`` or its neighbors.
         ``regions``: :class:`~diffuse.regions.Region` or ``"X0,Y0,X1,Y1=PROMPT"`` strings, the same for every image.
+        ``plan_layout``: instead, each prompt that :func:`~diffuse.regions.plan_layout` can plan (two single objects of
+        the shapes world) gets its planned regions; the others are sampled plainly. Each record lists its regions.
         """
-        regions = [r if isinstance(r, Region) else Region.parse(r) for r in regions]
+        given = [r if isinstance(r, Region) else Region.parse(r) for r in regions]
+        if given and plan_layout:
+            raise ValueError("give regions or plan_layout, not both")
         settings = settings or self.defaults
         seeds = rng.parse_seeds(seeds)
         for name, values in (("prompts", prompts), ("class_labels", class_labels)):
@@ -249,22 +270,27 @@ class Pipeline:
         res = self.check_size(size or self.model.cfg.image_size * self.codec.factor)
         for prompt in dict.fromkeys(prompts or [None]):
             self.check_prompt(prompt, negative)
-        self.check_regions(regions, res)
+        self.check_regions(given, res)
+        per_image = [planned(p) for p in prompts or [None] * len(seeds)] if plan_layout else [given] * len(seeds)
+        if plan_layout:
+            self.check_regions(list(dict.fromkeys(r for rs in per_image for r in rs)), res)
         sigma_list = settings.sigmas(self.model).tolist()
         out: list[Generated] = []
         for start in range(0, len(seeds), batch_size):
             chunk = seeds[start:start + batch_size]
             chunk_prompts = prompts[start:start + batch_size] if prompts is not None else None
             chunk_labels = class_labels[start:start + batch_size] if class_labels is not None else None
+            chunk_regions = per_image[start:start + batch_size]
             images = generate(self.model, settings, chunk, size=res, callback=callback, prompts=chunk_prompts,
                               negative=[negative] * len(chunk) if negative is not None else None, labels=chunk_labels,
-                              codec=None if isinstance(self.codec, PixelCodec) else self.codec, regions=regions)
+                              codec=None if isinstance(self.codec, PixelCodec) else self.codec, regions=chunk_regions)
             for i, (seed, arr) in enumerate(zip(chunk, to_uint8(images))):
                 image, mark = self.finish(Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr), seed)
                 prompt = chunk_prompts[i] if chunk_prompts is not None else None
                 label = chunk_labels[i] if chunk_labels is not None else None
                 out.append(Generated(image, seed, {**self.record(prompt, negative, label, seed, settings, res, sigma_list),
-                                                   "regions": [r.to_dict() for r in regions], "watermark": mark}))
+                                                   "regions": [r.to_dict() for r in chunk_regions[i]],
+                                                   "plan_layout": plan_layout, "watermark": mark}))
         return out
 
     def finish(self, image: Image.Image, seed: Optional[int]) -> tuple[Image.Image, dict[str, Any]]:

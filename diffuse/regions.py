@@ -12,16 +12,17 @@ corrections as for a plain image) and w_r is 1 inside its box, shared equally wh
 whole prompt covers the pixels that no box covers. Each region adds one guided denoiser call per step.
 
 A region is written ``X0,Y0,X1,Y1=PROMPT`` with the box in fractions of the canvas, (0, 0) the top left:
-``0,0,1,0.5=a red circle at the top``. :func:`plan_relation` makes the regions of a shapes-grammar
-relation prompt ("a red circle above a blue square"): the layout-planning step of LLM-grounded
-diffusion (Lian et al. 2023), done by the grammar instead of a language model.
+``0,0,1,0.5=a red circle at the top``. :func:`plan_layout` makes the regions of a shapes-grammar prompt
+of two objects ("a red circle above a blue square", "a red circle and a blue square"): the
+layout-planning step of LLM-grounded diffusion (Lian et al. 2023), done by the grammar instead of a
+language model.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -118,18 +119,27 @@ RELATION_LAYOUT: dict[str, tuple[tuple[Box, int], tuple[Box, int]]] = {
 }
 
 
-def plan_relation(prompt: str) -> list[Region]:
-    """Two regions for a shapes-grammar relation prompt: "a red circle above a blue square" ->
-    [0,0,1,0.5=a red circle at the top right, 0,0.5,1,1=a blue square at the bottom right]. The halves cover
-    the canvas, so the whole prompt itself is not sampled. A one-line ValueError for any other prompt."""
+def plan_layout(prompt: str) -> list[Region]:
+    """Two regions for a shapes-grammar prompt of two single objects, related or joined by "and":
+    "a red circle above a blue square" -> [0,0,1,0.5=a red circle at the top right, 0,0.5,1,1=a blue square at
+    the bottom right]; "A and B" is laid out as "A above B". The halves cover the canvas, so the whole prompt
+    itself is not sampled. A one-line ValueError for any other prompt (:func:`planned` returns [] instead)."""
     from . import shapes
 
     try:
         spec = shapes.parse_prompt(prompt)
     except ValueError:
         spec = None
-    if spec is None or spec.relation is None or any(o.cell is not None for o in spec.objects):
-        raise ValueError(f"cannot plan a layout for {prompt!r}: planning takes a relation prompt of the shapes world "
-                         f"without places, e.g. \"a red circle above a blue square\"")
-    return [Region(shapes.noun_phrase(o.count, o.shape, o.color, o.size, cell), box)
-            for o, (box, cell) in zip(spec.objects, RELATION_LAYOUT[spec.relation])]
+    if spec is None or len(spec.objects) != 2 or any(o.cell is not None or o.count != 1 for o in spec.objects):
+        raise ValueError(f"cannot plan a layout for {prompt!r}: planning takes two single objects of the shapes world "
+                         f"without places, e.g. \"a red circle above a blue square\" or \"a red circle and a blue square\"")
+    return [Region(shapes.noun_phrase(1, o.shape, o.color, o.size, cell), box)
+            for o, (box, cell) in zip(spec.objects, RELATION_LAYOUT[spec.relation or "above"])]
+
+
+def planned(prompt: Optional[str]) -> list[Region]:
+    """:func:`plan_layout`'s regions where the prompt can be planned, else [] (plain sampling)."""
+    try:
+        return plan_layout(prompt or "")
+    except ValueError:
+        return []
