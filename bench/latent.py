@@ -24,6 +24,7 @@ Parts (``--parts``; each prints a markdown table):
 
     python bench/latent.py --vae models/vae-shapes            # the full run, on an idle machine
     python bench/latent.py --vae models/vae-shapes --parts tiles
+    python bench/latent.py --vae models/vae-shapes --parts train adherence --adherence-minutes 90 --models pixel  # and latent beside it
     python bench/latent.py --quick                             # about a minute on one thread: checks it runs
 
 ``--quick`` shrinks everything (32x32 images, a VAE trained for a few steps here, tiny U-Nets,
@@ -190,7 +191,8 @@ def part_adherence(cfgs: dict[str, RunConfig], rates: dict[str, float], minutes:
     for name, cfg in cfgs.items():
         steps = max(1, round(minutes * 60 * rates[name] / cfg.train.batch_size))
         cfg = for_steps(cfg, steps, cfg.train.batch_size, args.dataset_size)
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, log_every=max(1, steps // 50)))
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, log_every=max(1, steps // 50),
+                                                                 checkpoint_every=max(1, steps // 10)))
         start = time.perf_counter()
         train(cfg, root / f"adh-{name}", progress=False, log=lambda s: None)
         wall = time.perf_counter() - start
@@ -311,6 +313,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--adherence-minutes", type=float, default=0.0, help="training minutes per model for the adherence part (0 = skip)")
     p.add_argument("--per-family", type=int, default=50, help="adherence prompts per family")
+    p.add_argument("--models", nargs="+", default=["latent", "pixel"], choices=["latent", "pixel"],
+                   help="which models the train/sample/adherence parts run (one per process lets two run side by side)")
+    p.add_argument("--keep", type=Path, help="write the runs and exported models here (default: a temporary folder)")
     p.add_argument("--big", type=int, default=128, help="latent side of the memory rows of the tiles part")
     p.add_argument("--worker-tile", type=int, default=-1, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -332,13 +337,14 @@ def main() -> None:
     print(f"bench/latent.py{' --quick' if args.quick else ''}: torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{platform.processor() or platform.machine()}, {time.strftime('%Y-%m-%d %H:%M %Z')}\n")
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
+        root = args.keep or Path(tmp)
         vae = args.vae or (quick_vae(root) if needs_vae else None)
         if "psnr" in args.parts:
             print(part_psnr(VAECodec.load(vae), args.psnr_images, 32 if args.quick else 64) + "\n", flush=True)
         if {"train", "sample", "adherence"} & set(args.parts):
             latent = latent_config(vae, args.quick)
             cfgs = {"latent (latent-shapes-t2i)": latent, "pixel (same U-Net)": pixel_config(latent, VAECodec.load(vae).factor)}
+            cfgs = {k: c for k, c in cfgs.items() if k.split()[0] in args.models}
             cfgs = {k: for_steps(c, args.warmup + args.steps, args.batch or c.train.batch_size, args.dataset_size) for k, c in cfgs.items()}
             rows = {name: measure_training(cfg, root / f"run{i}", args.warmup) for i, (name, cfg) in enumerate(cfgs.items())}
             print(train_table(rows, cfgs) + "\n", flush=True)

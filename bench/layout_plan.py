@@ -1,13 +1,17 @@
-"""Does a layout help the shapes model draw relations? Plain sampling against `--plan-layout`.
+"""Does a layout help the shapes model? Plain sampling against planned layouts, shared and isolated.
 
-For each position-family prompt ("a red circle above a blue square"), :func:`diffuse.regions.plan_layout`
-gives each object a half of the canvas that satisfies the relation and a sub-prompt naming the matching
-place ("a red circle at the top", "a blue square at the bottom"); the pipeline fuses the two guided
-denoisers per pixel at every step (MultiDiffusion, :mod:`diffuse.regions`). The same prompts and seeds are
-also sampled plainly; both are scored with the adherence scorer, per relation.
+For each prompt that :func:`diffuse.regions.plan_layout` can plan (a relation or "and" of two objects, a count
+of 2-4, one object in a named cell), the same seed is sampled three ways and scored with the adherence scorer:
 
-    python bench/layout_plan.py --n 40                     # the first 40 position prompts of shapes.eval_prompts
-    python bench/layout_plan.py --n 200 --prompt-seed 1    # 200 prompts the planner was not tuned on
+* plain: the prompt alone;
+* shared: the planned regions, each path seeing the whole shared image (MultiDiffusion), the whole prompt where
+  no box reaches (`--region` without `--region-background`);
+* isolated: the planned regions, each path seeing only its own box over the black canvas (`--plan-layout`).
+
+Rows: the kind of plan (the relation word, "and", "count N", "named cell").
+
+    python bench/layout_plan.py --n 40 --families position            # the first 40 position prompts
+    python bench/layout_plan.py --n 200 --prompt-seed 1 --families position counting single
 """
 
 from __future__ import annotations
@@ -23,39 +27,52 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffuse import adherence, shapes  # noqa: E402
 from diffuse.pipeline import Pipeline  # noqa: E402
-from diffuse.regions import RELATION_LAYOUT  # noqa: E402
+from diffuse.regions import planned  # noqa: E402
+
+MODES = ("plain", "shared", "isolated")
+
+
+def kind(prompt: str) -> str:
+    spec = shapes.parse_prompt(prompt)
+    if len(spec.objects) == 2:
+        return spec.relation or "and"
+    return "named cell" if spec.objects[0].cell is not None else f"count {spec.objects[0].count}"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="shapes")
-    ap.add_argument("--n", type=int, default=40, help="prompts of the position family (shapes.eval_prompts)")
+    ap.add_argument("--n", type=int, default=40, help="prompts per family of shapes.eval_prompts (the unplannable ones are skipped)")
+    ap.add_argument("--families", nargs="+", default=["position"], choices=shapes.EVAL_FAMILIES)
     ap.add_argument("--prompt-seed", type=int, default=0,
                     help="shapes.eval_prompts seed (0: the eval set `diffuse eval adherence` uses; the planner's place "
-                         "phrases were picked on its first 60 prompts, so 1 gives prompts not used for that)")
+                         "phrases were picked on its first 60 position prompts, so 1 gives prompts not used for that)")
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     pipe = Pipeline.load(args.model)
-    prompts = [p for p, f in shapes.eval_prompts(args.n, seed=args.prompt_seed) if f == "position"]
+    prompts = [p for p, f in shapes.eval_prompts(args.n, seed=args.prompt_seed) if f in args.families and planned(p).regions]
     tally: dict[tuple[str, str], list[int]] = {}
     for seed, prompt in enumerate(prompts):
-        relation = shapes.parse_prompt(prompt).relation
-        for how, plan in (("plain", False), ("planned", True)):
-            [g] = pipe(prompt, seeds=[seed], plan_layout=plan)
+        layout = planned(prompt)
+        for mode in MODES:
+            if mode == "plain":
+                [g] = pipe(prompt, seeds=[seed])
+            else:
+                [g] = pipe(prompt, seeds=[seed], regions=layout.regions,
+                           region_background=layout.background if mode == "isolated" else None)
             ok = adherence.score(np.asarray(g.image), prompt).ok
-            for key in ((how, relation), (how, "all")):
+            for key in ((mode, kind(prompt)), (mode, "all")):
                 counts = tally.setdefault(key, [0, 0])
                 counts[0] += ok
                 counts[1] += 1
     d = pipe.defaults
-    print(f"position family, {len(prompts)} prompts (eval_prompts seed {args.prompt_seed}), {args.model}, {d.sampler} {d.steps} steps, cfg {d.cfg:g}; "
-          f"seed i for prompt i in both columns\n")
-    print("| relation | plain | planned halves |\n|---|---|---|")
-    for relation in (*RELATION_LAYOUT, "all"):
-        plain, planned = tally.get(("plain", relation), [0, 0]), tally.get(("planned", relation), [0, 0])
-        print(f"| {relation} | {plain[0]}/{plain[1]} | {planned[0]}/{planned[1]} |")
+    print(f"{', '.join(args.families)}: {len(prompts)} planned prompts of {args.n} per family (eval_prompts seed "
+          f"{args.prompt_seed}), {args.model}, {d.sampler} {d.steps} steps, cfg {d.cfg:g}; seed i for prompt i in every column\n")
+    print("| plan | " + " | ".join(MODES) + " |\n|---|" + "---|" * len(MODES))
+    for k in sorted({k for _, k in tally if k != "all"}) + ["all"]:
+        print(f"| {k} | " + " | ".join("{}/{}".format(*tally[(m, k)]) for m in MODES) + " |")
 
 
 if __name__ == "__main__":

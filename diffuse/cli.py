@@ -132,7 +132,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from .pipeline import Pipeline
     from .plot import image_grid
-    from .regions import Region, plan_layout
+    from .regions import Region, parse_color, plan_layout
     from .rng import parse_seeds
 
     if args.prompt is not None and len(args.prompt) > 1000:
@@ -144,6 +144,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     notes = pipe.check_prompt(args.prompt, args.negative)  # refuse bad input before any folder or progress bar
     size = pipe.check_size(args.size) if args.size is not None else pipe.model.cfg.image_size * pipe.codec.factor
     regions = [Region.parse(text) for text in args.region or []]
+    background = parse_color(args.region_background) if args.region_background is not None else None
+    if background is not None and not regions:
+        raise ValueError("--region-background applies to --region boxes; give at least one --region")
     if args.plan_layout:
         if regions:
             raise ValueError("give --region boxes or --plan-layout, not both")
@@ -163,7 +166,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     bar = tqdm(total=len(seeds) * settings.steps, desc="generate", unit="step", disable=args.quiet)
     images = pipe(args.prompt, negative=args.negative, class_label=args.class_label, seeds=seeds, settings=settings,
                   size=args.size, batch_size=args.batch_size, callback=lambda info: bar.update(len(info.x)), regions=regions,
-                  plan_layout=args.plan_layout)
+                  region_background=background, plan_layout=args.plan_layout)
     bar.close()
     write_results(images, paths, args, keys)
     if args.grid:
@@ -406,9 +409,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--region", action="append", metavar="X0,Y0,X1,Y1=PROMPT",
                    help="a prompt for a box of the canvas (fractions, 0,0 the top left), fused with the whole prompt at "
                         "every step (MultiDiffusion); repeat for more boxes, e.g. --region \"0,0,1,0.5=a red circle at the top\"")
+    p.add_argument("--region-background", metavar="COLOR",
+                   help="isolate the --region boxes over this background (black, #rrggbb or R,G,B): each region's path sees "
+                        "only its own box, and pixels no box covers are the background; needed when regions repeat an object")
     p.add_argument("--plan-layout", action="store_true",
-                   help="shapes models: lay out a prompt of two objects (\"a red circle above a blue square\", \"... and ...\") "
-                        "as two regions, one object each")
+                   help="shapes models: lay out the prompt as isolated regions on the black canvas: two objects (\"a red "
+                        "circle above a blue square\", \"... and ...\"), a count (\"three red circles\") or a named place")
     p.add_argument("--grid", action="store_true", help="also write a grid of all images")
     _provenance_flags(p)
     _fast_path_flags(p)
@@ -442,8 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", help="sigma schedule; default: the model's")
     _correction_flags(p)
     p.add_argument("--guidance-sweep", metavar="W1,W2,...", help="evaluate each guidance scale on the same prompts and seeds, e.g. 1,2,3,4,6")
-    p.add_argument("--plan-layout", action="store_true", help="lay out each prompt of two single objects as two regions "
-                   "(as `diffuse generate --plan-layout`); the other prompts are sampled plainly")
+    p.add_argument("--plan-layout", action="store_true", help="lay out each prompt the planner can (two objects, a count, "
+                   "a named place; as `diffuse generate --plan-layout`); the other prompts are sampled plainly")
     p.add_argument("--batch-size", type=int, default=16, help="images sampled together (results do not depend on it)")
     p.add_argument("--save-images", action="store_true", help="write the images (PNG with records) and prompts.jsonl to --out")
     p.add_argument("--out", default="out/adherence", help="folder for --save-images (one subfolder cfg-W per swept scale)")

@@ -24,7 +24,7 @@ from .masks import concat_without_picture
 from .model import DiffusionModel
 from .plot import to_uint8
 from .record import file_hash, save_png
-from .regions import Region, RegionDenoiser, planned, region_weights
+from .regions import Color, Layout, Region, RegionDenoiser, parse_color, planned, region_weights
 from .samplers import get_sampler
 from .steps import StepInfo
 
@@ -99,13 +99,13 @@ def generate(model: DiffusionModel, settings: SampleSettings, seeds: Sequence[in
              prompts: Optional[Sequence[str]] = None, negative: Optional[Sequence[str]] = None,
              labels: Optional[Sequence[int]] = None, size: Optional[int] = None,
              callback: Optional[Callable[[StepInfo], None]] = None, codec: Optional[Codec] = None,
-             regions: Optional[Sequence[Sequence[Region]]] = None) -> torch.Tensor:
+             layouts: Optional[Sequence[Layout]] = None) -> torch.Tensor:
     """Sample len(seeds) images [B, C, H, W] in [-1, 1] (float32); ``size`` is in pixels.
 
     With a latent ``codec`` the sampler runs on latents [B, latent_channels, size/f, size/f]
-    (the model's own channels and side) and the result is decoded to pixels. ``regions`` (text models):
-    image i's regions[i], each a prompt for a box, fused with the whole prompt per pixel at every step
-    (:mod:`diffuse.regions`); images may have different regions, or none.
+    (the model's own channels and side) and the result is decoded to pixels. ``layouts`` (text models):
+    image i's regions, each a prompt for a box, fused with the whole prompt per pixel at every step, or
+    isolated over a background color (:mod:`diffuse.regions`); images may have different layouts, or none.
     """
     device = next(model.parameters()).device
     codec = codec or PixelCodec(model.cfg.channels)
@@ -113,8 +113,9 @@ def generate(model: DiffusionModel, settings: SampleSettings, seeds: Sequence[in
     batch = len(seeds)
     concat = concat_without_picture(model.cfg.inpainting, codec, batch, res * codec.factor, device)
     denoiser, cond = guided_denoiser(model, settings, batch, prompts=prompts, negative=negative, labels=labels, concat=concat)
-    if regions is not None and any(regions):
-        denoiser, cond = regional_denoiser(model, settings, (denoiser, cond), prompts, regions, negative, concat, res), None
+    if layouts is not None and any(lay.regions for lay in layouts):
+        denoiser, cond = regional_denoiser(model, settings, (denoiser, cond), prompts, layouts, negative, concat, res,
+                                           seeds, codec), None
     sigmas = settings.sigmas(model)
     post_step = settings.post_step(float(sigmas[0]))
     generators = rng.generators_for(seeds, "cpu")
@@ -126,22 +127,38 @@ def generate(model: DiffusionModel, settings: SampleSettings, seeds: Sequence[in
 
 
 def regional_denoiser(model: DiffusionModel, settings: SampleSettings, whole: tuple[Callable, Any],
-                      prompts: Optional[Sequence[str]], regions: Sequence[Sequence[Region]],
-                      negative: Optional[Sequence[str]], concat: Optional[torch.Tensor], side: int) -> RegionDenoiser:
-    """The whole prompts' guided denoiser ``whole`` fused with image i's regions[i] per pixel: path k runs region k of
-    every image at once (an image with fewer regions runs its whole prompt there, with weight 0)."""
+                      prompts: Optional[Sequence[str]], layouts: Sequence[Layout], negative: Optional[Sequence[str]],
+                      concat: Optional[torch.Tensor], side: int, seeds: Sequence[int], codec: Codec) -> RegionDenoiser:
+    """The whole prompts' guided denoiser ``whole`` fused with image i's layouts[i] per pixel: path k runs region k of
+    every image at once (an image with fewer regions runs its whole prompt there, with weight 0). An isolated layout's
+    background is the codec's encoding of its color; its paths' outside noise comes from stream k of the image's seed."""
     if model.cfg.conditioning != "text" or prompts is None:
         raise ValueError("regional prompts need a text model and its prompts")
-    if len(regions) != len(prompts):
-        raise ValueError(f"got regions for {len(regions)} images and {len(prompts)} prompts; give one list per image")
+    if len(layouts) != len(prompts):
+        raise ValueError(f"got layouts for {len(layouts)} images and {len(prompts)} prompts; give one per image")
     paths, weights = [whole], []
-    per_image = [region_weights([r.box for r in rs], side) for rs in regions]  # [1 + R_i, 1, 1, side, side] each
-    for k in range(max(len(rs) for rs in regions)):
-        texts = [rs[k].prompt if k < len(rs) else p for rs, p in zip(regions, prompts)]
+    per_image = [region_weights([r.box for r in lay.regions], side) for lay in layouts]  # [1 + R_i, 1, 1, side, side] each
+    n_paths = max(len(lay.regions) for lay in layouts)
+    for k in range(n_paths):
+        texts = [lay.regions[k].prompt if k < len(lay.regions) else p for lay, p in zip(layouts, prompts)]
         paths.append(guided_denoiser(model, settings, len(prompts), prompts=texts, negative=negative, concat=concat))
     for k in range(len(paths)):
         weights.append(torch.cat([w[k] if k < len(w) else torch.zeros_like(w[0]) for w in per_image]))  # [B, 1, side, side]
-    return RegionDenoiser(paths, torch.stack(weights))
+    isolated = torch.tensor([lay.background is not None for lay in layouts])
+    if not bool(isolated.any()):
+        return RegionDenoiser(paths, torch.stack(weights))
+    device = next(model.parameters()).device
+    background = torch.cat([background_latent(codec, lay.background or (0, 0, 0), side, device) for lay in layouts])
+    shape = (len(seeds), model.cfg.channels, side, side)
+    noise = [rng.randn(shape, rng.stream_generators(seeds, k + 1), device=device) for k in range(n_paths)]
+    return RegionDenoiser(paths, torch.stack(weights), background=background, isolated=isolated, outside_noise=noise)
+
+
+def background_latent(codec: Codec, color: Color, side: int, device: torch.device | str) -> torch.Tensor:
+    """[1, C, side, side]: the model-space image of a canvas of one ``color`` (RGB 0-255)."""
+    f = codec.factor
+    rgb = torch.tensor(color, dtype=torch.float32, device=device) / 127.5 - 1
+    return codec.encode(rgb[None, :, None, None].expand(1, 3, side * f, side * f).contiguous())
 
 
 # ---------------------------------------------------------------- the user-facing pipeline
@@ -239,29 +256,36 @@ class Pipeline:
     def __call__(self, prompt: Optional[str] = None, *, negative: Optional[str] = None, class_label: Optional[int] = None,
                  seeds: Sequence[int] | str | int = 0, settings: Optional[SampleSettings] = None, size: Optional[int] = None,
                  batch_size: int = 8, callback: Optional[Callable[[StepInfo], None]] = None,
-                 regions: Sequence[Region | str] = (), plan_layout: bool = False) -> list[Generated]:
+                 regions: Sequence[Region | str] = (), region_background: Optional[Color | str] = None,
+                 plan_layout: bool = False) -> list[Generated]:
         seed_list = rng.parse_seeds(seeds)
         n = len(seed_list)
         return self.generate_batch(seed_list, prompts=None if prompt is None else [prompt] * n, negative=negative,
                                    class_labels=None if class_label is None else [class_label] * n, settings=settings,
                                    size=size, batch_size=batch_size, callback=callback, regions=regions,
-                                   plan_layout=plan_layout)
+                                   region_background=region_background, plan_layout=plan_layout)
 
     def generate_batch(self, seeds: Sequence[int], *, prompts: Optional[Sequence[str]] = None, negative: Optional[str] = None,
                        class_labels: Optional[Sequence[int]] = None, settings: Optional[SampleSettings] = None,
                        size: Optional[int] = None, batch_size: int = 8,
                        callback: Optional[Callable[[StepInfo], None]] = None,
-                       regions: Sequence[Region | str] = (), plan_layout: bool = False) -> list[Generated]:
+                       regions: Sequence[Region | str] = (), region_background: Optional[Color | str] = None,
+                       plan_layout: bool = False) -> list[Generated]:
         """One image per seed, image i from ``prompts[i]`` (or ``class_labels[i]``); a batch may mix prompts.
 
         Image i depends only on its prompt, seed and settings, not on ``batch_size`` or its neighbors.
-        ``regions``: :class:`~diffuse.regions.Region` or ``"X0,Y0,X1,Y1=PROMPT"`` strings, the same for every image.
-        ``plan_layout``: instead, each prompt that :func:`~diffuse.regions.plan_layout` can plan (two single objects of
-        the shapes world) gets its planned regions; the others are sampled plainly. Each record lists its regions.
+        ``regions``: :class:`~diffuse.regions.Region` or ``"X0,Y0,X1,Y1=PROMPT"`` strings, the same for every image;
+        ``region_background`` (RGB or a color such as "black"): the regions' paths are isolated over that background
+        (default: shared paths, the whole prompt where no box reaches). ``plan_layout``: instead, each prompt that
+        :func:`~diffuse.regions.plan_layout` can plan (shapes world: two objects, a count, a named place) gets its
+        planned layout; the others are sampled plainly. Each record lists its regions and background.
         """
         given = [r if isinstance(r, Region) else Region.parse(r) for r in regions]
         if given and plan_layout:
             raise ValueError("give regions or plan_layout, not both")
+        background = parse_color(region_background) if isinstance(region_background, str) else region_background
+        if background is not None and not given:
+            raise ValueError("a region background applies to regions; give regions too")
         settings = settings or self.defaults
         seeds = rng.parse_seeds(seeds)
         for name, values in (("prompts", prompts), ("class_labels", class_labels)):
@@ -271,26 +295,27 @@ class Pipeline:
         for prompt in dict.fromkeys(prompts or [None]):
             self.check_prompt(prompt, negative)
         self.check_regions(given, res)
-        per_image = [planned(p) for p in prompts or [None] * len(seeds)] if plan_layout else [given] * len(seeds)
+        per_image = ([planned(p) for p in prompts or [None] * len(seeds)] if plan_layout
+                     else [Layout(tuple(given), background)] * len(seeds))
         if plan_layout:
-            self.check_regions(list(dict.fromkeys(r for rs in per_image for r in rs)), res)
+            self.check_regions(list(dict.fromkeys(r for lay in per_image for r in lay.regions)), res)
         sigma_list = settings.sigmas(self.model).tolist()
         out: list[Generated] = []
         for start in range(0, len(seeds), batch_size):
             chunk = seeds[start:start + batch_size]
             chunk_prompts = prompts[start:start + batch_size] if prompts is not None else None
             chunk_labels = class_labels[start:start + batch_size] if class_labels is not None else None
-            chunk_regions = per_image[start:start + batch_size]
+            chunk_layouts = per_image[start:start + batch_size]
             images = generate(self.model, settings, chunk, size=res, callback=callback, prompts=chunk_prompts,
                               negative=[negative] * len(chunk) if negative is not None else None, labels=chunk_labels,
-                              codec=None if isinstance(self.codec, PixelCodec) else self.codec, regions=chunk_regions)
+                              codec=None if isinstance(self.codec, PixelCodec) else self.codec, layouts=chunk_layouts)
             for i, (seed, arr) in enumerate(zip(chunk, to_uint8(images))):
                 image, mark = self.finish(Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr), seed)
                 prompt = chunk_prompts[i] if chunk_prompts is not None else None
                 label = chunk_labels[i] if chunk_labels is not None else None
                 out.append(Generated(image, seed, {**self.record(prompt, negative, label, seed, settings, res, sigma_list),
-                                                   "regions": [r.to_dict() for r in chunk_regions[i]],
-                                                   "plan_layout": plan_layout, "watermark": mark}))
+                                                   **chunk_layouts[i].to_record(), "plan_layout": plan_layout,
+                                                   "watermark": mark}))
         return out
 
     def finish(self, image: Image.Image, seed: Optional[int]) -> tuple[Image.Image, dict[str, Any]]:

@@ -11,11 +11,18 @@ where D_r is the denoiser guided by region r's prompt (classifier-free guidance,
 corrections as for a plain image) and w_r is 1 inside its box, shared equally where boxes overlap. The
 whole prompt covers the pixels that no box covers. Each region adds one guided denoiser call per step.
 
+Shared or isolated paths. By default every path sees the whole shared sample (MultiDiffusion). With a
+background color, each region's path sees only its own box: outside it, the path's input is the
+background noised to the current sigma with a fixed noise of its own, ``x_r = m_r x + (1 - m_r)(b +
+sigma n_r)``, and pixels that no box covers take the background itself (D = b) instead of the whole
+prompt. A path then cannot mistake another region's object for its own: four regions asking for "a green
+circle" draw four circles, where shared paths draw one or two (bench/RESULTS.md, "Isolated region paths").
+
 A region is written ``X0,Y0,X1,Y1=PROMPT`` with the box in fractions of the canvas, (0, 0) the top left:
-``0,0,1,0.5=a red circle at the top``. :func:`plan_layout` makes the regions of a shapes-grammar prompt
-of two objects ("a red circle above a blue square", "a red circle and a blue square"): the
-layout-planning step of LLM-grounded diffusion (Lian et al. 2023), done by the grammar instead of a
-language model.
+``0,0,1,0.5=a red circle at the top``. :func:`plan_layout` makes the layout of a shapes-grammar prompt
+(two objects and their relation, a count of objects, one object in a named cell) on the shapes world's
+black background: the layout-planning step of LLM-grounded diffusion (Lian et al. 2023), done by the
+grammar instead of a language model.
 """
 
 from __future__ import annotations
@@ -27,6 +34,26 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 Box = tuple[float, float, float, float]
+Color = tuple[int, int, int]  # RGB, 0-255
+
+COLOR_NAMES: dict[str, Color] = {"black": (0, 0, 0), "white": (255, 255, 255), "gray": (128, 128, 128)}
+
+
+def parse_color(text: str) -> Color:
+    """'black', '#rrggbb' or 'R,G,B' (0-255) -> (R, G, B); a one-line ValueError for anything else."""
+    t = text.strip().lower()
+    if t in COLOR_NAMES:
+        return COLOR_NAMES[t]
+    try:
+        if t.startswith("#") and len(t) == 7:
+            rgb = tuple(int(t[i:i + 2], 16) for i in (1, 3, 5))
+        else:
+            rgb = tuple(int(v) for v in t.split(","))
+    except ValueError:
+        rgb = ()
+    if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb):
+        raise ValueError(f"color {text!r} is not {', '.join(COLOR_NAMES)}, #rrggbb or R,G,B with values 0-255")
+    return rgb  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -70,6 +97,25 @@ class Region:
         return cls(prompt.strip(), box)  # type: ignore[arg-type]
 
 
+@dataclass(frozen=True)
+class Layout:
+    """One image's regions and, when ``background`` is set, the color their isolated paths are drawn over
+    (no background: shared paths, the whole prompt where no box reaches)."""
+
+    regions: tuple[Region, ...] = ()
+    background: Optional[Color] = None
+
+    def to_record(self) -> dict[str, Any]:
+        return {"regions": [r.to_dict() for r in self.regions],
+                "region_background": list(self.background) if self.background is not None else None}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> "Layout":
+        background = record.get("region_background")
+        return cls(tuple(Region.from_dict(r) for r in record.get("regions") or []),
+                   tuple(int(v) for v in background) if background is not None else None)  # type: ignore[arg-type]
+
+
 def region_weights(boxes: Sequence[Box], side: int) -> torch.Tensor:
     """[1 + R, 1, 1, side, side] per-pixel weights: first the whole prompt's (where no box reaches), then each
     box's; they sum to 1 at every pixel. A pixel belongs to a box when its center lies inside it."""
@@ -88,21 +134,47 @@ def region_weights(boxes: Sequence[Box], side: int) -> torch.Tensor:
 
 
 class RegionDenoiser:
-    """The per-pixel weighted sum of several (denoiser, cond) paths: D(x, sigma) = sum_r w_r D_r(x, sigma, cond_r).
+    """The per-pixel weighted sum of several (denoiser, cond) paths: D(x, sigma) = sum_r w_r D_r(x_r, sigma, cond_r).
 
-    ``weights`` [P, 1, 1, H, W] (:func:`region_weights`); a path whose weight is zero everywhere is never called.
-    The sampler's own ``cond`` is unused (each path carries its own)."""
+    ``weights`` [P, B, 1, H, W] (:func:`region_weights` per image); path 0 is the whole prompt's, paths 1.. the
+    regions'. ``background`` [B, C, H, W] (model space) and ``isolated`` [B] bool: for an isolated image, region
+    path r sees x_r = m_r x + (1 - m_r)(background + sigma ``outside_noise[r - 1]``) with m_r its box, and path 0
+    gives the background itself; other images' paths see x. A path whose weight is zero everywhere is never
+    called. The sampler's own ``cond`` is unused (each path carries its own)."""
 
-    def __init__(self, paths: Sequence[tuple[Callable, Any]], weights: torch.Tensor):
+    def __init__(self, paths: Sequence[tuple[Callable, Any]], weights: torch.Tensor, *,
+                 background: Optional[torch.Tensor] = None, isolated: Optional[torch.Tensor] = None,
+                 outside_noise: Sequence[torch.Tensor] = ()):
         if len(paths) != len(weights):
             raise ValueError(f"{len(paths)} denoisers for {len(weights)} weight maps")
-        self.parts = [(w, d, c) for (d, c), w in zip(paths, weights) if bool(w.any())]
+        self.isolated = isolated if isolated is not None and bool(isolated.any()) else None
+        if self.isolated is not None and (background is None or len(outside_noise) != len(paths) - 1):
+            raise ValueError("isolated region paths need a background and one outside noise per region path")
+        self.background = background
+        iso = self.isolated.float()[:, None, None, None] if self.isolated is not None else None
+        # path 0 runs only where a shared image gives it weight; an isolated image takes the background there
+        shared0 = weights[0] if iso is None else weights[0] * (1 - iso)
+        self.whole = (weights[0], *paths[0]) if bool(weights[0].any()) else None
+        self.whole_needed = bool(shared0.any())
+        self.parts = []  # (weight, 1 where the path sees the background instead of x, outside noise, denoiser, cond)
+        for k in range(1, len(paths)):
+            if bool(weights[k].any()):
+                outside = iso * (weights[k] == 0).float() if iso is not None else None
+                noise = outside_noise[k - 1] if iso is not None else None
+                self.parts.append((weights[k], outside, noise, *paths[k]))
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any = None) -> torch.Tensor:
-        out = None
-        for w, denoiser, c in self.parts:
-            term = w.to(x.device, x.dtype) * denoiser(x, sigma, c)
-            out = term if out is None else out + term
+        out = torch.zeros_like(x)
+        if self.whole is not None:
+            w, denoiser, c = self.whole
+            d = denoiser(x, sigma, c) if self.whole_needed else torch.zeros_like(x)
+            if self.isolated is not None:
+                d = torch.where(self.isolated[:, None, None, None].to(x.device), self.background.to(x), d)
+            out = out + w.to(x) * d
+        s = torch.as_tensor(sigma, device=x.device, dtype=x.dtype).reshape(-1, 1, 1, 1)
+        for w, outside, noise, denoiser, c in self.parts:
+            xin = x if outside is None else torch.lerp(x, self.background.to(x) + s * noise.to(x), outside.to(x))
+            out = out + w.to(x) * denoiser(xin, sigma, c)
         return out
 
 
@@ -119,27 +191,59 @@ RELATION_LAYOUT: dict[str, tuple[tuple[Box, int], tuple[Box, int]]] = {
 }
 
 
-def plan_layout(prompt: str) -> list[Region]:
-    """Two regions for a shapes-grammar prompt of two single objects, related or joined by "and":
-    "a red circle above a blue square" -> [0,0,1,0.5=a red circle at the top right, 0,0.5,1,1=a blue square at
-    the bottom right]; "A and B" is laid out as "A above B". The halves cover the canvas, so the whole prompt
-    itself is not sampled. A one-line ValueError for any other prompt (:func:`planned` returns [] instead)."""
+# counting: the quadrants (with the corner phrases the model places best) that hold 2, 3 or 4 objects
+COUNT_LAYOUT: dict[int, tuple[tuple[Box, int], ...]] = {
+    2: (((0, 0, 0.5, 0.5), 0), ((0.5, 0.5, 1, 1), 8)),
+    3: (((0, 0, 0.5, 0.5), 0), ((0.5, 0, 1, 0.5), 2), ((0, 0.5, 0.5, 1), 6)),
+    4: (((0, 0, 0.5, 0.5), 0), ((0.5, 0, 1, 0.5), 2), ((0, 0.5, 0.5, 1), 6), ((0.5, 0.5, 1, 1), 8)),
+}
+CELL_MARGIN = 0.05  # a named cell's region reaches this far (canvas fractions) past the cell
+SHAPES_BACKGROUND: Color = (0, 0, 0)  # the shapes world's canvas
+
+
+def cell_box(cell: int) -> Box:
+    """The box of 3x3 grid cell ``cell`` (row-major, 0 at the top left), ``CELL_MARGIN`` wider on each side."""
+    row, col = divmod(cell, 3)
+    return (max(0.0, col / 3 - CELL_MARGIN), max(0.0, row / 3 - CELL_MARGIN),
+            min(1.0, (col + 1) / 3 + CELL_MARGIN), min(1.0, (row + 1) / 3 + CELL_MARGIN))
+
+
+def plan_layout(prompt: str) -> Layout:
+    """The layout of a shapes-grammar prompt, isolated over the black canvas:
+
+    - two single objects, related or joined by "and": a half each, with a corner phrase the model places well
+      ("a red circle above a blue square" -> 0,0,1,0.5=a red circle at the top right and 0,0.5,1,1=a blue square
+      at the bottom right; "A and B" is laid out as "A above B");
+    - a count of 2-4 objects: one object per quadrant ("three red circles" -> "a red circle at the top left", ...);
+    - one object in a named cell: that cell (a little wider) alone, black elsewhere.
+
+    A one-line ValueError for any other prompt (:func:`planned` returns an empty layout instead)."""
     from . import shapes
 
     try:
         spec = shapes.parse_prompt(prompt)
     except ValueError:
         spec = None
-    if spec is None or len(spec.objects) != 2 or any(o.cell is not None or o.count != 1 for o in spec.objects):
-        raise ValueError(f"cannot plan a layout for {prompt!r}: planning takes two single objects of the shapes world "
-                         f"without places, e.g. \"a red circle above a blue square\" or \"a red circle and a blue square\"")
-    return [Region(shapes.noun_phrase(1, o.shape, o.color, o.size, cell), box)
-            for o, (box, cell) in zip(spec.objects, RELATION_LAYOUT[spec.relation or "above"])]
+    objects = spec.objects if spec is not None else ()
+    plan: list[tuple[str, Box]] = []
+    if len(objects) == 2 and all(o.cell is None and o.count == 1 for o in objects):
+        plan = [(shapes.noun_phrase(1, o.shape, o.color, o.size, cell), box)
+                for o, (box, cell) in zip(objects, RELATION_LAYOUT[spec.relation or "above"])]
+    elif len(objects) == 1 and objects[0].cell is None and objects[0].count in COUNT_LAYOUT:
+        o = objects[0]
+        plan = [(shapes.noun_phrase(1, o.shape, o.color, o.size, cell), box) for box, cell in COUNT_LAYOUT[o.count]]
+    elif len(objects) == 1 and objects[0].cell is not None and objects[0].count == 1:
+        plan = [(prompt, cell_box(objects[0].cell))]
+    if not plan:
+        raise ValueError(f"cannot plan a layout for {prompt!r}: planning takes a shapes-world prompt of two single objects "
+                         f"(\"a red circle above a blue square\"), 2-4 objects (\"three red circles\") or one object "
+                         f"in a named place (\"a red circle at the top left\")")
+    return Layout(tuple(Region(text, box) for text, box in plan), SHAPES_BACKGROUND)
 
 
-def planned(prompt: Optional[str]) -> list[Region]:
-    """:func:`plan_layout`'s regions where the prompt can be planned, else [] (plain sampling)."""
+def planned(prompt: Optional[str]) -> Layout:
+    """:func:`plan_layout`'s layout where the prompt can be planned, else an empty one (plain sampling)."""
     try:
         return plan_layout(prompt or "")
     except ValueError:
-        return []
+        return Layout()

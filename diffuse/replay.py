@@ -56,7 +56,7 @@ from PIL import Image
 from . import __version__, edit
 from .pipeline import Pipeline, SampleSettings
 from .record import read_record
-from .regions import Region
+from .regions import Layout
 
 DEFAULT_TOLERANCE = 1.0  # mean |difference| in 8-bit levels, when bit-exactness is not expected
 LARGE_DIFF, LARGE_FRACTION = 16, 0.01
@@ -269,10 +269,11 @@ def _conditioning(record: dict[str, Any], settings: SampleSettings) -> dict[str,
 def _replay_generate(pipe: Pipeline, record: dict[str, Any], settings: SampleSettings, source: Source,
                     mask: Optional[np.ndarray]) -> Image.Image:
     prompt, label = record.get("prompt"), record.get("class_label")
+    layout = Layout.from_record(record)
     [g] = pipe.generate_batch([record["seed"]], prompts=None if prompt is None else [prompt],
                               negative=record.get("negative_prompt"), class_labels=None if label is None else [label],
-                              settings=settings, size=record["width"],
-                              regions=[Region.from_dict(r) for r in record.get("regions") or []])
+                              settings=settings, size=record["width"], regions=layout.regions,
+                              region_background=layout.background)
     return g.image
 
 

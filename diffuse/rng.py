@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Sequence, Union
 
+import numpy as np
 import torch
 
 Generators = Union[None, torch.Generator, Sequence[torch.Generator]]
@@ -57,6 +58,13 @@ def parse_seeds(spec: str | int | Sequence[int]) -> list[int]:
 def generators_for(seeds: Sequence[int], device: torch.device | str = "cpu") -> list[torch.Generator]:
     """One freshly seeded ``torch.Generator`` per seed."""
     return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+
+
+def stream_generators(seeds: Sequence[int], stream: int, device: torch.device | str = "cpu") -> list[torch.Generator]:
+    """One generator per seed for side stream ``stream`` >= 1 of that seed (e.g. a region path's noise), seeded from
+    (seed, stream) through numpy's SeedSequence: independent of the seed's main generator and of other streams."""
+    return [torch.Generator(device=device).manual_seed(int(np.random.SeedSequence([int(s), stream]).generate_state(1, np.uint64)[0] >> 1))
+            for s in seeds]
 
 
 def check_generators(generator: Generators, batch: int) -> None:
