@@ -197,15 +197,15 @@ COUNT_LAYOUT: dict[int, tuple[tuple[Box, int], ...]] = {
     3: (((0, 0, 0.5, 0.5), 0), ((0.5, 0, 1, 0.5), 2), ((0, 0.5, 0.5, 1), 6)),
     4: (((0, 0, 0.5, 0.5), 0), ((0.5, 0, 1, 0.5), 2), ((0, 0.5, 0.5, 1), 6), ((0.5, 0.5, 1, 1), 8)),
 }
-CELL_MARGIN = 0.05  # a named cell's region reaches this far (canvas fractions) past the cell
+CELL_REGION_MARGIN = 0.05  # a named cell's region reaches this far (canvas fractions) past the cell
 SHAPES_BACKGROUND: Color = (0, 0, 0)  # the shapes world's canvas
 
 
 def cell_box(cell: int) -> Box:
-    """The box of 3x3 grid cell ``cell`` (row-major, 0 at the top left), ``CELL_MARGIN`` wider on each side."""
+    """The box of 3x3 grid cell ``cell`` (row-major, 0 at the top left), ``CELL_REGION_MARGIN`` wider on each side."""
     row, col = divmod(cell, 3)
-    return (max(0.0, col / 3 - CELL_MARGIN), max(0.0, row / 3 - CELL_MARGIN),
-            min(1.0, (col + 1) / 3 + CELL_MARGIN), min(1.0, (row + 1) / 3 + CELL_MARGIN))
+    return (max(0.0, col / 3 - CELL_REGION_MARGIN), max(0.0, row / 3 - CELL_REGION_MARGIN),
+            min(1.0, (col + 1) / 3 + CELL_REGION_MARGIN), min(1.0, (row + 1) / 3 + CELL_REGION_MARGIN))
 
 
 def plan_layout(prompt: str) -> Layout:
