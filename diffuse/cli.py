@@ -98,6 +98,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     sampling = setting_flags(args)
     SampleSettings(**sampling)  # checks the values
+    if args.plan_layout:
+        sampling["plan_layout"] = True
     out = export_run(Path(args.run_dir), Path(args.out), overwrite=args.overwrite, dtype=args.dtype, sampling=sampling)
     print(f"wrote model folder {out}")
     return 0
@@ -151,6 +153,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if regions:
             raise ValueError("give --region boxes or --plan-layout, not both")
         plan_layout(args.prompt or "")  # a prompt it cannot plan is an error here, not a silent plain image
+    # the model's default (shapes: on) plans what it can and samples other prompts plainly; --region boxes win
+    planning = args.plan_layout if args.plan_layout is not None else pipe.plan_layout and not regions
     pipe.check_regions(regions, size)
     out = writable_folder(Path(args.out))
     stem = slug(args.prompt) if args.prompt else pipe.name  # unconditional models: just the model's name
@@ -166,7 +170,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     bar = tqdm(total=len(seeds) * settings.steps, desc="generate", unit="step", disable=args.quiet)
     images = pipe(args.prompt, negative=args.negative, class_label=args.class_label, seeds=seeds, settings=settings,
                   size=args.size, batch_size=args.batch_size, callback=lambda info: bar.update(len(info.x)), regions=regions,
-                  region_background=background, plan_layout=args.plan_layout)
+                  region_background=background, plan_layout=planning)
     bar.close()
     write_results(images, paths, args, keys)
     if args.grid:
@@ -242,6 +246,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     d = pipe.defaults
     interval = f" (guidance where {d.cfg_interval[0]:g} < sigma <= {d.cfg_interval[1]:g})" if d.cfg_interval else ""
     print(f"sampling defaults: sampler {d.sampler}, {d.steps} steps, schedule {d.schedule}, cfg {d.cfg}{interval}")
+    if pipe.plan_layout:
+        print("layout planning: on by default in `diffuse generate` and `diffuse eval adherence` (--no-plan-layout: off)")
     return 0
 
 
@@ -387,6 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg", type=float, help="the model's default guidance scale (default: 1, off)")
     _cfg_interval_flag(p, "the model's default (default: none)")
     p.add_argument("--schedule", help="the model's default sigma schedule (default: karras)")
+    p.add_argument("--plan-layout", action="store_true", help="shapes models: `diffuse generate` and `diffuse eval adherence` "
+                   "plan layouts by default (see `diffuse generate --help`)")
 
     p = _subparser(subs, "convert", "Import a diffusers pipeline folder or a Stable Diffusion 1.x/2.x .safetensors file as a "
                    "model folder, or export a converted model folder to diffusers (--to diffusers). Only safetensors are "
@@ -412,9 +420,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--region-background", metavar="COLOR",
                    help="isolate the --region boxes over this background (black, #rrggbb or R,G,B): each region's path sees "
                         "only its own box, and pixels no box covers are the background; needed when regions repeat an object")
-    p.add_argument("--plan-layout", action="store_true",
+    p.add_argument("--plan-layout", action=argparse.BooleanOptionalAction,
                    help="shapes models: lay out the prompt as isolated regions on the black canvas: two objects (\"a red "
-                        "circle above a blue square\", \"... and ...\"), a count (\"three red circles\") or a named place")
+                        "circle above a blue square\", \"... and ...\"), a count (\"three red circles\") or a named place; "
+                        "default: the model's (the shipped shapes plans what it can); --no-plan-layout: the network alone")
     p.add_argument("--grid", action="store_true", help="also write a grid of all images")
     _provenance_flags(p)
     _fast_path_flags(p)
@@ -448,8 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", help="sigma schedule; default: the model's")
     _correction_flags(p)
     p.add_argument("--guidance-sweep", metavar="W1,W2,...", help="evaluate each guidance scale on the same prompts and seeds, e.g. 1,2,3,4,6")
-    p.add_argument("--plan-layout", action="store_true", help="lay out each prompt the planner can (two objects, a count, "
-                   "a named place; as `diffuse generate --plan-layout`); the other prompts are sampled plainly")
+    p.add_argument("--plan-layout", action=argparse.BooleanOptionalAction, help="lay out each prompt the planner can (two "
+                   "objects, a count, a named place; as `diffuse generate --plan-layout`), the others sampled plainly; "
+                   "default: the model's; --no-plan-layout scores the network alone")
     p.add_argument("--batch-size", type=int, default=16, help="images sampled together (results do not depend on it)")
     p.add_argument("--save-images", action="store_true", help="write the images (PNG with records) and prompts.jsonl to --out")
     p.add_argument("--out", default="out/adherence", help="folder for --save-images (one subfolder cfg-W per swept scale)")

@@ -81,6 +81,7 @@ def _adherence_of_model(args: argparse.Namespace) -> dict:
     pipe = Pipeline.load(args.model)
     evaluate.check_adherence_model(pipe, prompts)
     settings = sample_settings(pipe, args)
+    planning = pipe.plan_layout if args.plan_layout is None else args.plan_layout
     scales = _guidance_scales(args.guidance_sweep) if args.guidance_sweep else [settings.cfg]
     folders = {w: Path(args.out) / (f"cfg-{w:g}" if args.guidance_sweep else "") for w in scales}
     names = [f"{i:04d}-{f}-s{args.seed_base + i}.png" for i, f in enumerate(families)]
@@ -91,17 +92,17 @@ def _adherence_of_model(args: argparse.Namespace) -> dict:
                 _free_path(folder / name, args.overwrite)
     print(f"model {pipe.name} ({pipe.model_hash}): {len(prompts)} prompts ({args.n_per_family} per family), "
           f"{settings.sampler}, {settings.steps} steps, {settings.schedule} schedule, "
-          f"seeds {args.seed_base}-{args.seed_base + len(prompts) - 1}{', planned layouts' if args.plan_layout else ''}")
+          f"seeds {args.seed_base}-{args.seed_base + len(prompts) - 1}{', planned layouts' if planning else ''}")
     runs = []
     for w in scales:
         bar = tqdm(total=len(prompts) * settings.steps, desc=f"cfg {w:g}", unit="step", disable=args.quiet)
         runs.append(evaluate.adherence_run(pipe, prompts, families, dataclasses.replace(settings, cfg=w), seed_base=args.seed_base,
                                            batch_size=args.batch_size, callback=lambda info: bar.update(len(info.x)),
-                                           plan_layout=args.plan_layout))
+                                           plan_layout=planning))
         bar.close()
         if args.save_images:
             _save_eval_images(runs[-1], names, families, folders[w], args.overwrite)
-    result = {"model": pipe.name, "model_hash": pipe.model_hash, "n_per_family": args.n_per_family, "plan_layout": args.plan_layout,
+    result = {"model": pipe.name, "model_hash": pipe.model_hash, "n_per_family": args.n_per_family, "plan_layout": planning,
               "prompt_seed": args.prompt_seed, "seed_base": args.seed_base,
               "runs": [{"settings": dataclasses.asdict(r.settings),
                         **evaluate.report_json(r.report, prompts, families, {"seed": r.seeds})} for r in runs]}

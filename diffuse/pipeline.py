@@ -206,7 +206,10 @@ class Pipeline:
         self.codec: Codec = codec or PixelCodec(model.cfg.channels)
         self.name = name
         self.model_hash = model_hash
-        self.defaults = SampleSettings(**(defaults or {}))
+        defaults = dict(defaults or {})
+        # the folder's "sampling" block may also say that the CLI plans layouts for this model by default (shapes)
+        self.plan_layout = bool(defaults.pop("plan_layout", False))
+        self.defaults = SampleSettings(**defaults)
         self.device = device
         self.prompt_filter: Optional[safety.PromptFilter] = safety.PromptFilter.default()  # None: no block list
         self.image_check: Optional[safety.ImageCheck] = None  # output classifier hook (none ships)

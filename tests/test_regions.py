@@ -225,3 +225,22 @@ def test_planned_counts_on_the_shipped_shapes_model():
         True, True, True, False, True, True, True, True]
     assert [adherence.score(np.asarray(g.image), prompt).ok for g in pipe(prompt, seeds="0-7")] == [
         False, True, True, False, False, True, True, True]
+
+
+def test_the_shipped_shapes_plans_by_default_in_the_cli_only(tmp_path):
+    """Its folder's sampling block says plan_layout: `diffuse generate` plans what it can (--no-plan-layout: the
+    network alone); --region boxes replace the plan; the Python API plans only when asked."""
+    from diffuse.record import read_record
+
+    pipe = Pipeline.load("shapes")
+    assert pipe.plan_layout and "plan_layout" not in pipe.defaults.__dict__
+    fast = ["--steps", "2", "--seed", "0", "--quiet"]
+    for flags, regions in [([], 3), (["--no-plan-layout"], 0), (["--region", "0,0,1,1=a red circle"], 1)]:
+        out = tmp_path / str(len(flags))
+        r = _generate("three red circles", "--out", str(out), *fast, *flags)
+        assert r.returncode == 0, r.stderr
+        assert len(read_record(out / "three-red-circles-s0.png")["regions"]) == regions
+    r = _generate("a red circle", "--out", str(tmp_path / "plain"), *fast)  # nothing to plan: sampled plainly
+    assert r.returncode == 0 and read_record(tmp_path / "plain" / "a-red-circle-s0.png")["regions"] == []
+    [g] = pipe("three red circles", settings=SampleSettings(steps=2))
+    assert g.record["regions"] == [] and not g.record["plan_layout"]

@@ -151,6 +151,12 @@ def test_export_writes_a_loadable_model_folder(tmp_path):
     finally:
         os.umask(umask)
     assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == {"config.json": 0o640, "model.safetensors": 0o640}
+    from diffuse.cli import main
+    from diffuse.pipeline import Pipeline
+
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "planned"), "--cfg", "2", "--plan-layout"]) == 0
+    pipe = Pipeline.load(tmp_path / "planned")
+    assert pipe.plan_layout and pipe.defaults.cfg == 2 and not Pipeline.load(tmp_path / "model").plan_layout
 
 
 def test_init_from_starts_a_new_run_from_a_model_folder(tmp_path):
