@@ -70,7 +70,7 @@ def run(pipe: Pipeline, settings: SampleSettings, prompts: list[str], families: 
     hook = pipe.model.denoiser.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
     try:
         start = time.perf_counter()
-        generated = pipe.generate_batch(seeds, prompts=prompts, settings=settings, batch_size=batch_size)
+        generated = pipe.generate_batch(seeds, prompts=prompts, settings=settings, batch_size=batch_size, plan_layout=False)
         seconds = time.perf_counter() - start
     finally:
         hook.remove()
@@ -139,7 +139,8 @@ def main() -> None:
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}", flush=True)
     warm = dataclasses.replace(base, steps=2, cfg_interval=None)
-    pipe.generate_batch(seeds[:args.batch_size], prompts=prompts[:args.batch_size], settings=warm, batch_size=args.batch_size)
+    pipe.generate_batch(seeds[:args.batch_size], prompts=prompts[:args.batch_size], settings=warm, batch_size=args.batch_size,
+                        plan_layout=False)
     rows = []
     for n, interval in configs:
         rows.append(run(pipe, dataclasses.replace(base, steps=n, cfg_interval=interval), prompts, families, seeds, args.batch_size))

@@ -58,7 +58,7 @@ def main() -> None:
         layout = planned(prompt)
         for mode in MODES:
             if mode == "plain":
-                [g] = pipe(prompt, seeds=[seed])
+                [g] = pipe(prompt, seeds=[seed], plan_layout=False)
             else:
                 [g] = pipe(prompt, seeds=[seed], regions=layout.regions,
                            region_background=layout.background if mode == "isolated" else None)

@@ -103,7 +103,7 @@ def generated_images(n: int) -> list[Image.Image]:
     pipe.watermark = False
     prompts = ["a red circle above a blue square", "two yellow squares", "a green triangle", "a blue circle"]
     settings = SampleSettings(steps=10, cfg=3.0)
-    return [pipe(prompts[i % len(prompts)], seeds=[i], settings=settings, size=256)[0].image for i in range(n)]
+    return [pipe(prompts[i % len(prompts)], seeds=[i], settings=settings, size=256, plan_layout=False)[0].image for i in range(n)]
 
 
 def main() -> None:

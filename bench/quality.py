@@ -162,7 +162,8 @@ def measure(p: Planned, pipe: Pipeline, settings: SampleSettings, args: argparse
         r = evaluate.fid_run(pipe, args.ref, settings, n=args.n, batch_size=64, n_boot=200)
         return dict(fid=r.fid, fid_low=r.fid_interval[0], fid_high=r.fid_interval[1], kid=r.kid, kid_low=r.kid_interval[0],
                     kid_high=r.kid_interval[1], precision=r.precision, recall=r.recall)
-    o = evaluate.adherence_run(pipe, [q for q, _ in prompts], [f for _, f in prompts], settings, batch_size=32).report.overall
+    o = evaluate.adherence_run(pipe, [q for q, _ in prompts], [f for _, f in prompts], settings, batch_size=32,
+                               plan_layout=False).report.overall
     return dict(adherence=o.accuracy, adherence_low=o.low, adherence_high=o.high)
 
 

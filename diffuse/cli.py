@@ -134,7 +134,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from .pipeline import Pipeline
     from .plot import image_grid
-    from .regions import Region, parse_color, plan_layout
+    from .regions import plan_layout
     from .rng import parse_seeds
 
     if args.prompt is not None and len(args.prompt) > 1000:
@@ -145,17 +145,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     settings = sample_settings(pipe, args)
     notes = pipe.check_prompt(args.prompt, args.negative)  # refuse bad input before any folder or progress bar
     size = pipe.check_size(args.size) if args.size is not None else pipe.model.cfg.image_size * pipe.codec.factor
-    regions = [Region.parse(text) for text in args.region or []]
-    background = parse_color(args.region_background) if args.region_background is not None else None
-    if background is not None and not regions:
-        raise ValueError("--region-background applies to --region boxes; give at least one --region")
+    pipe.layouts([args.prompt], 1, size, args.region or [], args.region_background, args.plan_layout)  # checks
     if args.plan_layout:
-        if regions:
-            raise ValueError("give --region boxes or --plan-layout, not both")
-        plan_layout(args.prompt or "")  # a prompt it cannot plan is an error here, not a silent plain image
-    # the model's default (shapes: on) plans what it can and samples other prompts plainly; --region boxes win
-    planning = args.plan_layout if args.plan_layout is not None else pipe.plan_layout and not regions
-    pipe.check_regions(regions, size)
+        plan_layout(args.prompt or "")  # asked for: a prompt it cannot plan is an error, not a silent plain image
     out = writable_folder(Path(args.out))
     stem = slug(args.prompt) if args.prompt else pipe.name  # unconditional models: just the model's name
     if not args.prompt and args.class_label is not None:
@@ -169,8 +161,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"note: {note}", file=sys.stderr)
     bar = tqdm(total=len(seeds) * settings.steps, desc="generate", unit="step", disable=args.quiet)
     images = pipe(args.prompt, negative=args.negative, class_label=args.class_label, seeds=seeds, settings=settings,
-                  size=args.size, batch_size=args.batch_size, callback=lambda info: bar.update(len(info.x)), regions=regions,
-                  region_background=background, plan_layout=planning)
+                  size=args.size, batch_size=args.batch_size, callback=lambda info: bar.update(len(info.x)),
+                  regions=args.region or [], region_background=args.region_background, plan_layout=args.plan_layout)
     bar.close()
     write_results(images, paths, args, keys)
     if args.grid:
@@ -247,7 +239,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     interval = f" (guidance where {d.cfg_interval[0]:g} < sigma <= {d.cfg_interval[1]:g})" if d.cfg_interval else ""
     print(f"sampling defaults: sampler {d.sampler}, {d.steps} steps, schedule {d.schedule}, cfg {d.cfg}{interval}")
     if pipe.plan_layout:
-        print("layout planning: on by default in `diffuse generate` and `diffuse eval adherence` (--no-plan-layout: off)")
+        print("layout planning: on by default (--no-plan-layout / plan_layout=False: off)")
     return 0
 
 
@@ -393,8 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg", type=float, help="the model's default guidance scale (default: 1, off)")
     _cfg_interval_flag(p, "the model's default (default: none)")
     p.add_argument("--schedule", help="the model's default sigma schedule (default: karras)")
-    p.add_argument("--plan-layout", action="store_true", help="shapes models: `diffuse generate` and `diffuse eval adherence` "
-                   "plan layouts by default (see `diffuse generate --help`)")
+    p.add_argument("--plan-layout", action="store_true", help="shapes models: plan layouts by default (see `diffuse "
+                   "generate --help`)")
 
     p = _subparser(subs, "convert", "Import a diffusers pipeline folder or a Stable Diffusion 1.x/2.x .safetensors file as a "
                    "model folder, or export a converted model folder to diffusers (--to diffusers). Only safetensors are "

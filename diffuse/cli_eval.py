@@ -81,7 +81,7 @@ def _adherence_of_model(args: argparse.Namespace) -> dict:
     pipe = Pipeline.load(args.model)
     evaluate.check_adherence_model(pipe, prompts)
     settings = sample_settings(pipe, args)
-    planning = pipe.plan_layout if args.plan_layout is None else args.plan_layout
+    planning = pipe.planning(args.plan_layout)
     scales = _guidance_scales(args.guidance_sweep) if args.guidance_sweep else [settings.cfg]
     folders = {w: Path(args.out) / (f"cfg-{w:g}" if args.guidance_sweep else "") for w in scales}
     names = [f"{i:04d}-{f}-s{args.seed_base + i}.png" for i, f in enumerate(families)]

@@ -61,9 +61,9 @@ class AdherenceRun:
 
 def adherence_run(pipe: Pipeline, prompts: Sequence[str], families: Sequence[str], settings: SampleSettings, *,
                   seed_base: int = 0, batch_size: int = 16, n_boot: int = 1000,
-                  callback: Optional[Callable[[StepInfo], None]] = None, plan_layout: bool = False) -> AdherenceRun:
-    """Generate image i from ``prompts[i]`` with seed ``seed_base + i`` (its layout planned where it can be, with
-    ``plan_layout``) and score it."""
+                  callback: Optional[Callable[[StepInfo], None]] = None, plan_layout: Optional[bool] = None) -> AdherenceRun:
+    """Generate image i from ``prompts[i]`` with seed ``seed_base + i`` (its layout planned where it can be when
+    ``plan_layout``, by default the model's) and score it."""
     seeds = [seed_base + i for i in range(len(prompts))]
     generated = pipe.generate_batch(seeds, prompts=list(prompts), settings=settings, batch_size=batch_size, callback=callback,
                                     plan_layout=plan_layout)

@@ -148,7 +148,9 @@ def regional_denoiser(model: DiffusionModel, settings: SampleSettings, whole: tu
     if not bool(isolated.any()):
         return RegionDenoiser(paths, torch.stack(weights))
     device = next(model.parameters()).device
-    background = torch.cat([background_latent(codec, lay.background or (0, 0, 0), side, device) for lay in layouts])
+    colors = [lay.background or (0, 0, 0) for lay in layouts]  # a shared image's background is never used
+    encoded = {c: background_latent(codec, c, side, device) for c in set(colors)}  # one encode per color, not per image
+    background = torch.cat([encoded[c] for c in colors])
     shape = (len(seeds), model.cfg.channels, side, side)
     noise = [rng.randn(shape, rng.stream_generators(seeds, k + 1), device=device) for k in range(n_paths)]
     return RegionDenoiser(paths, torch.stack(weights), background=background, isolated=isolated, outside_noise=noise)
@@ -207,7 +209,7 @@ class Pipeline:
         self.name = name
         self.model_hash = model_hash
         defaults = dict(defaults or {})
-        # the folder's "sampling" block may also say that the CLI plans layouts for this model by default (shapes)
+        # the folder's "sampling" block may also say that layouts are planned for this model by default (shapes)
         self.plan_layout = bool(defaults.pop("plan_layout", False))
         self.defaults = SampleSettings(**defaults)
         self.device = device
@@ -260,7 +262,7 @@ class Pipeline:
                  seeds: Sequence[int] | str | int = 0, settings: Optional[SampleSettings] = None, size: Optional[int] = None,
                  batch_size: int = 8, callback: Optional[Callable[[StepInfo], None]] = None,
                  regions: Sequence[Region | str] = (), region_background: Optional[Color | str] = None,
-                 plan_layout: bool = False) -> list[Generated]:
+                 plan_layout: Optional[bool] = None) -> list[Generated]:
         seed_list = rng.parse_seeds(seeds)
         n = len(seed_list)
         return self.generate_batch(seed_list, prompts=None if prompt is None else [prompt] * n, negative=negative,
@@ -273,22 +275,13 @@ class Pipeline:
                        size: Optional[int] = None, batch_size: int = 8,
                        callback: Optional[Callable[[StepInfo], None]] = None,
                        regions: Sequence[Region | str] = (), region_background: Optional[Color | str] = None,
-                       plan_layout: bool = False) -> list[Generated]:
+                       plan_layout: Optional[bool] = None) -> list[Generated]:
         """One image per seed, image i from ``prompts[i]`` (or ``class_labels[i]``); a batch may mix prompts.
 
         Image i depends only on its prompt, seed and settings, not on ``batch_size`` or its neighbors.
-        ``regions``: :class:`~diffuse.regions.Region` or ``"X0,Y0,X1,Y1=PROMPT"`` strings, the same for every image;
-        ``region_background`` (RGB or a color such as "black"): the regions' paths are isolated over that background
-        (default: shared paths, the whole prompt where no box reaches). ``plan_layout``: instead, each prompt that
-        :func:`~diffuse.regions.plan_layout` can plan (shapes world: two objects, a count, a named place) gets its
-        planned layout; the others are sampled plainly. Each record lists its regions and background.
+        Layouts (``regions``, ``region_background``, ``plan_layout``): see :meth:`layouts`. Each record lists its
+        regions and background.
         """
-        given = [r if isinstance(r, Region) else Region.parse(r) for r in regions]
-        if given and plan_layout:
-            raise ValueError("give regions or plan_layout, not both")
-        background = parse_color(region_background) if isinstance(region_background, str) else region_background
-        if background is not None and not given:
-            raise ValueError("a region background applies to regions; give regions too")
         settings = settings or self.defaults
         seeds = rng.parse_seeds(seeds)
         for name, values in (("prompts", prompts), ("class_labels", class_labels)):
@@ -297,11 +290,8 @@ class Pipeline:
         res = self.check_size(size or self.model.cfg.image_size * self.codec.factor)
         for prompt in dict.fromkeys(prompts or [None]):
             self.check_prompt(prompt, negative)
-        self.check_regions(given, res)
-        per_image = ([planned(p) for p in prompts or [None] * len(seeds)] if plan_layout
-                     else [Layout(tuple(given), background)] * len(seeds))
-        if plan_layout:
-            self.check_regions(list(dict.fromkeys(r for lay in per_image for r in lay.regions)), res)
+        per_image = self.layouts(prompts, len(seeds), res, regions, region_background, plan_layout)
+        planning = self.planning(plan_layout, bool(regions))
         sigma_list = settings.sigmas(self.model).tolist()
         out: list[Generated] = []
         for start in range(0, len(seeds), batch_size):
@@ -317,7 +307,7 @@ class Pipeline:
                 prompt = chunk_prompts[i] if chunk_prompts is not None else None
                 label = chunk_labels[i] if chunk_labels is not None else None
                 out.append(Generated(image, seed, {**self.record(prompt, negative, label, seed, settings, res, sigma_list),
-                                                   **chunk_layouts[i].to_record(), "plan_layout": plan_layout,
+                                                   **chunk_layouts[i].to_record(), "plan_layout": planning,
                                                    "watermark": mark}))
         return out
 
@@ -366,6 +356,32 @@ class Pipeline:
         assert self.model.text_encoder is not None
         return [f"{what}: {note}" for text, what in ((prompt, "prompt"), (negative, "negative prompt")) if text
                 for note in self.model.text_encoder.prompt_warnings(text)]
+
+    def planning(self, plan_layout: Optional[bool], has_regions: bool = False) -> bool:
+        """Whether layouts are planned: ``plan_layout`` if given, else the model's default unless regions are given."""
+        return self.plan_layout and not has_regions if plan_layout is None else plan_layout
+
+    def layouts(self, prompts: Optional[Sequence[Optional[str]]], n: int, size: int, regions: Sequence[Region | str] = (),
+                region_background: Optional[Color | str] = None, plan_layout: Optional[bool] = None) -> list[Layout]:
+        """The layouts of ``n`` images of ``size`` pixels, checked (one-line ValueErrors). ``regions``:
+        :class:`~diffuse.regions.Region` or ``"X0,Y0,X1,Y1=PROMPT"`` strings, the same for every image;
+        ``region_background`` (RGB or a color such as "black"): their paths are isolated over that background
+        (default: shared paths, the whole prompt where no box reaches). When planning (:meth:`planning`: ``plan_layout``,
+        by default the model's folder's when no regions are given), each prompt that
+        :func:`~diffuse.regions.plan_layout` can plan (shapes world: two objects, a count, a named place) gets its
+        planned layout and the others none."""
+        given = tuple(r if isinstance(r, Region) else Region.parse(r) for r in regions)
+        if given and plan_layout:
+            raise ValueError("give regions or plan_layout, not both")
+        background = parse_color(region_background) if isinstance(region_background, str) else region_background
+        if background is not None and not given:
+            raise ValueError("a region background applies to regions; give at least one region")
+        if self.planning(plan_layout, bool(given)):
+            out = [planned(p) for p in prompts or [None] * n]
+        else:
+            out = [Layout(given, background)] * n
+        self.check_regions(list(dict.fromkeys(r for lay in out for r in lay.regions)), size)
+        return out
 
     def check_regions(self, regions: Sequence[Region], size: int) -> None:
         """Refuse regional prompts on a model without text, region prompts :meth:`check_prompt` refuses (naming

@@ -167,9 +167,12 @@ class RegionDenoiser:
         out = torch.zeros_like(x)
         if self.whole is not None:
             w, denoiser, c = self.whole
-            d = denoiser(x, sigma, c) if self.whole_needed else torch.zeros_like(x)
-            if self.isolated is not None:
-                d = torch.where(self.isolated[:, None, None, None].to(x.device), self.background.to(x), d)
+            if not self.whole_needed:  # every image weighting path 0 is isolated: it is the background there
+                d = self.background.to(x)
+            else:
+                d = denoiser(x, sigma, c)
+                if self.isolated is not None:
+                    d = torch.where(self.isolated[:, None, None, None].to(x.device), self.background.to(x), d)
             out = out + w.to(x) * d
         s = torch.as_tensor(sigma, device=x.device, dtype=x.dtype).reshape(-1, 1, 1, 1)
         for w, outside, noise, denoiser, c in self.parts:

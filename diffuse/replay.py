@@ -273,7 +273,7 @@ def _replay_generate(pipe: Pipeline, record: dict[str, Any], settings: SampleSet
     [g] = pipe.generate_batch([record["seed"]], prompts=None if prompt is None else [prompt],
                               negative=record.get("negative_prompt"), class_labels=None if label is None else [label],
                               settings=settings, size=record["width"], regions=layout.regions,
-                              region_background=layout.background)
+                              region_background=layout.background, plan_layout=False)  # the record holds the layout
     return g.image
 
 

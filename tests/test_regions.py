@@ -176,7 +176,7 @@ def test_cli_region_flags_and_their_errors(text_model, tmp_path):
     for args, message in [(["--region", "0,0,1=x"], "is not X0,Y0,X1,Y1=PROMPT"),
                           (["--plan-layout", "--region", "0,0,1,1=a green triangle"], "not both"),
                           (["--region", "0,0,1,1=a dragon"], "region 0,0,1,1=a dragon: the prompt has words"),
-                          (["--region-background", "black"], "--region-background applies to --region boxes"),
+                          (["--region-background", "black"], "a region background applies to regions; give at least one region"),
                           (["--region", "0,0,1,1=a green triangle", "--region-background", "dark"], "color 'dark' is not")]:
         bad = _generate(CAPTIONS[0], "--model", str(text_model), "--out", str(tmp_path / "bad"), "--quiet", *args)
         assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and message in bad.stderr, bad.stderr
@@ -211,7 +211,7 @@ def test_planned_relations_on_the_shipped_shapes_model():
     for prompt, planned_ok, plain_ok in [("a red circle above a blue square", [1, 1, 1, 1, 1, 1, 0, 1], [0, 0, 1, 0, 0, 1, 1, 1]),
                                          ("a red circle below a blue square", [1] * 8, [1, 0, 0, 1, 1, 0, 0, 0])]:
         planned_images = pipe(prompt, seeds="0-7", plan_layout=True)
-        plain = pipe(prompt, seeds="0-7")
+        plain = pipe(prompt, seeds="0-7", plan_layout=False)
         assert [adherence.score(np.asarray(g.image), prompt).ok for g in planned_images] == [bool(v) for v in planned_ok]
         assert [adherence.score(np.asarray(g.image), prompt).ok for g in plain] == [bool(v) for v in plain_ok]
 
@@ -223,24 +223,28 @@ def test_planned_counts_on_the_shipped_shapes_model():
     prompt = "three green circles"
     assert [adherence.score(np.asarray(g.image), prompt).ok for g in pipe(prompt, seeds="0-7", plan_layout=True)] == [
         True, True, True, False, True, True, True, True]
-    assert [adherence.score(np.asarray(g.image), prompt).ok for g in pipe(prompt, seeds="0-7")] == [
+    assert [adherence.score(np.asarray(g.image), prompt).ok for g in pipe(prompt, seeds="0-7", plan_layout=False)] == [
         False, True, True, False, False, True, True, True]
 
 
-def test_the_shipped_shapes_plans_by_default_in_the_cli_only(tmp_path):
-    """Its folder's sampling block says plan_layout: `diffuse generate` plans what it can (--no-plan-layout: the
-    network alone); --region boxes replace the plan; the Python API plans only when asked."""
+def test_the_shipped_shapes_plans_by_default(tmp_path):
+    """Its folder's sampling block says plan_layout: `diffuse generate` and the API plan what they can
+    (--no-plan-layout / plan_layout=False: the network alone); regions given replace the plan; replay follows the record."""
     from diffuse.record import read_record
 
-    pipe = Pipeline.load("shapes")
-    assert pipe.plan_layout and "plan_layout" not in pipe.defaults.__dict__
     fast = ["--steps", "2", "--seed", "0", "--quiet"]
     for flags, regions in [([], 3), (["--no-plan-layout"], 0), (["--region", "0,0,1,1=a red circle"], 1)]:
         out = tmp_path / str(len(flags))
         r = _generate("three red circles", "--out", str(out), *fast, *flags)
         assert r.returncode == 0, r.stderr
-        assert len(read_record(out / "three-red-circles-s0.png")["regions"]) == regions
+        record = read_record(out / "three-red-circles-s0.png")
+        assert len(record["regions"]) == regions and record["plan_layout"] == (not flags)
     r = _generate("a red circle", "--out", str(tmp_path / "plain"), *fast)  # nothing to plan: sampled plainly
     assert r.returncode == 0 and read_record(tmp_path / "plain" / "a-red-circle-s0.png")["regions"] == []
-    [g] = pipe("three red circles", settings=SampleSettings(steps=2))
-    assert g.record["regions"] == [] and not g.record["plan_layout"]
+    pipe = Pipeline.load("shapes")
+    two = SampleSettings(steps=2)
+    [g] = pipe("three red circles", settings=two)
+    assert len(g.record["regions"]) == 3 and g.record["plan_layout"]
+    [plain] = pipe("three red circles", settings=two, plan_layout=False)
+    assert plain.record["regions"] == [] and not plain.record["plan_layout"]
+    assert replay(plain.save(tmp_path / "plain.png"), model="shapes").exact  # replayed plainly, as recorded
