@@ -24,7 +24,7 @@ from .masks import concat_without_picture
 from .model import DiffusionModel
 from .plot import to_uint8
 from .record import file_hash, save_png
-from .regions import Color, Layout, Region, RegionDenoiser, parse_color, planned, region_weights
+from .regions import Color, Frames, Layout, Region, RegionDenoiser, parse_color, planned, region_weights
 from .samplers import get_sampler
 from .steps import StepInfo
 
@@ -144,16 +144,18 @@ def regional_denoiser(model: DiffusionModel, settings: SampleSettings, whole: tu
         paths.append(guided_denoiser(model, settings, len(prompts), prompts=texts, negative=negative, concat=concat))
     for k in range(len(paths)):
         weights.append(torch.cat([w[k] if k < len(w) else torch.zeros_like(w[0]) for w in per_image]))  # [B, 1, side, side]
+    frames = [Frames.of([lay.regions[k] if k < len(lay.regions) else None for lay in layouts], side) for k in range(n_paths)]
     isolated = torch.tensor([lay.background is not None for lay in layouts])
     if not bool(isolated.any()):
-        return RegionDenoiser(paths, torch.stack(weights))
+        return RegionDenoiser(paths, torch.stack(weights), frames=frames)
     device = next(model.parameters()).device
     colors = [lay.background or (0, 0, 0) for lay in layouts]  # a shared image's background is never used
     encoded = {c: background_latent(codec, c, side, device) for c in set(colors)}  # one encode per color, not per image
     background = torch.cat([encoded[c] for c in colors])
     shape = (len(seeds), model.cfg.channels, side, side)
     noise = [rng.randn(shape, rng.stream_generators(seeds, k + 1), device=device) for k in range(n_paths)]
-    return RegionDenoiser(paths, torch.stack(weights), background=background, isolated=isolated, outside_noise=noise)
+    return RegionDenoiser(paths, torch.stack(weights), background=background, isolated=isolated, outside_noise=noise,
+                          frames=frames)
 
 
 def background_latent(codec: Codec, color: Color, side: int, device: torch.device | str) -> torch.Tensor:

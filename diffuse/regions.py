@@ -58,10 +58,17 @@ def parse_color(text: str) -> Color:
 
 @dataclass(frozen=True)
 class Region:
-    """A prompt for the part of the canvas inside ``box`` = (x0, y0, x1, y1), fractions of the width and height."""
+    """A prompt for the part of the canvas inside ``box`` = (x0, y0, x1, y1), fractions of the width and height.
+
+    ``mirror`` and ``shift`` set the frame the region's path draws in: the path denoises its input mirrored
+    left-right (``mirror``) and then moved right by ``shift`` of the width (wrapping around), and its output is
+    moved back, so ``prompt`` describes the object where the path draws it. :func:`plan_layout` uses this to draw
+    every object in the column the model places best."""
 
     prompt: str
     box: Box
+    mirror: bool = False
+    shift: float = 0.0
 
     def __post_init__(self) -> None:
         x0, y0, x1, y1 = self.box
@@ -70,17 +77,21 @@ class Region:
                              f"(fractions of the canvas, 0,0 at the top left)")
         if not self.prompt.strip():
             raise ValueError(f"the region {self.spec()} has an empty prompt; write X0,Y0,X1,Y1=PROMPT")
+        if not (math.isfinite(self.shift) and -1 < self.shift < 1):
+            raise ValueError(f"the region {self.spec()} has shift {self.shift}; give a fraction of the width in (-1, 1)")
 
     def spec(self) -> str:
-        """The ``X0,Y0,X1,Y1=PROMPT`` form (what :meth:`parse` reads)."""
+        """The ``X0,Y0,X1,Y1=PROMPT`` form (what :meth:`parse` reads; it has no frame)."""
         return ",".join(f"{v:g}" for v in self.box) + f"={self.prompt}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"prompt": self.prompt, "box": list(self.box)}
+        frame = {"mirror": True} if self.mirror else {}
+        return {"prompt": self.prompt, "box": list(self.box), **frame, **({"shift": self.shift} if self.shift else {})}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Region":
-        return cls(d["prompt"], tuple(float(v) for v in d["box"]))  # type: ignore[arg-type]
+        return cls(d["prompt"], tuple(float(v) for v in d["box"]), bool(d.get("mirror", False)),  # type: ignore[arg-type]
+                   float(d.get("shift", 0.0)))
 
     @classmethod
     def parse(cls, text: str) -> "Region":
@@ -95,6 +106,38 @@ class Region:
             raise ValueError(f"region {text!r} is not X0,Y0,X1,Y1=PROMPT (four fractions of the canvas, then the prompt), "
                              f"e.g. 0,0,1,0.5=a red circle at the top")
         return cls(prompt.strip(), box)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Frames:
+    """Per image of a batch, the frame one region path draws in (:class:`Region`'s ``mirror`` and ``shift``, the
+    shift in pixels of the model's canvas)."""
+
+    mirror: torch.Tensor  # [B] bool
+    shift: tuple[int, ...]
+
+    @classmethod
+    def of(cls, regions: Sequence[Optional[Region]], side: int) -> Optional["Frames"]:
+        """The frames of one path's regions (None: an image without that region); None when all are the canvas."""
+        mirror = torch.tensor([r is not None and r.mirror for r in regions])
+        shift = tuple(round(r.shift * side) if r is not None else 0 for r in regions)
+        return cls(mirror, shift) if bool(mirror.any()) or any(shift) else None
+
+    def _roll(self, x: torch.Tensor, sign: int) -> torch.Tensor:
+        if not any(self.shift):
+            return x
+        return torch.stack([xi.roll(sign * s, dims=-1) for xi, s in zip(x, self.shift)])
+
+    def _mirror(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.where(self.mirror.to(x.device)[:, None, None, None], x.flip(-1), x)
+
+    def enter(self, x: torch.Tensor) -> torch.Tensor:
+        """The canvas [B, C, H, W] as the paths see it."""
+        return self._roll(self._mirror(x), 1)
+
+    def leave(self, y: torch.Tensor) -> torch.Tensor:
+        """A path's output back on the canvas (the inverse of :meth:`enter`)."""
+        return self._mirror(self._roll(y, -1))
 
 
 @dataclass(frozen=True)
@@ -144,9 +187,11 @@ class RegionDenoiser:
 
     def __init__(self, paths: Sequence[tuple[Callable, Any]], weights: torch.Tensor, *,
                  background: Optional[torch.Tensor] = None, isolated: Optional[torch.Tensor] = None,
-                 outside_noise: Sequence[torch.Tensor] = ()):
+                 outside_noise: Sequence[torch.Tensor] = (), frames: Sequence[Optional[Frames]] = ()):
         if len(paths) != len(weights):
             raise ValueError(f"{len(paths)} denoisers for {len(weights)} weight maps")
+        if frames and len(frames) != len(paths) - 1:
+            raise ValueError(f"{len(frames)} frames for {len(paths) - 1} region paths")
         self.isolated = isolated if isolated is not None and bool(isolated.any()) else None
         if self.isolated is not None and (background is None or len(outside_noise) != len(paths) - 1):
             raise ValueError("isolated region paths need a background and one outside noise per region path")
@@ -156,12 +201,13 @@ class RegionDenoiser:
         shared0 = weights[0] if iso is None else weights[0] * (1 - iso)
         self.whole = (weights[0], *paths[0]) if bool(weights[0].any()) else None
         self.whole_needed = bool(shared0.any())
-        self.parts = []  # (weight, 1 where the path sees the background instead of x, outside noise, denoiser, cond)
+        # (weight, 1 where the path sees the background instead of x, outside noise, frames, denoiser, cond)
+        self.parts = []
         for k in range(1, len(paths)):
             if bool(weights[k].any()):
                 outside = iso * (weights[k] == 0).float() if iso is not None else None
                 noise = outside_noise[k - 1] if iso is not None else None
-                self.parts.append((weights[k], outside, noise, *paths[k]))
+                self.parts.append((weights[k], outside, noise, frames[k - 1] if frames else None, *paths[k]))
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any = None) -> torch.Tensor:
         out = torch.zeros_like(x)
@@ -175,9 +221,10 @@ class RegionDenoiser:
                     d = torch.where(self.isolated[:, None, None, None].to(x.device), self.background.to(x), d)
             out = out + w.to(x) * d
         s = torch.as_tensor(sigma, device=x.device, dtype=x.dtype).reshape(-1, 1, 1, 1)
-        for w, outside, noise, denoiser, c in self.parts:
+        for w, outside, noise, frames, denoiser, c in self.parts:
             xin = x if outside is None else torch.lerp(x, self.background.to(x) + s * noise.to(x), outside.to(x))
-            out = out + w.to(x) * denoiser(xin, sigma, c)
+            d = denoiser(xin, sigma, c) if frames is None else frames.leave(denoiser(frames.enter(xin), sigma, c))
+            out = out + w.to(x) * d
         return out
 
 
@@ -211,15 +258,34 @@ def cell_box(cell: int) -> Box:
             min(1.0, (col + 1) / 3 + CELL_REGION_MARGIN), min(1.0, (row + 1) / 3 + CELL_REGION_MARGIN))
 
 
+DRAW_COLUMN = 2  # the grid column in which the shipped shapes model places objects best (see _drawn)
+
+
+def _drawn(box: Box, cell: int, shape: str, color: Optional[str], size: Optional[str]) -> Region:
+    """The region ``box`` for one object in grid ``cell``, drawn in the right column (``DRAW_COLUMN``): the
+    shipped `shapes` model places an object named in the right column far better than in the others (isolated
+    cell regions, 30 prompts per cell: top right 30, on the right 29, bottom right 27; top left 21, on the left
+    13, bottom left 19; top 24, center 15, bottom 28; bench/RESULTS.md, "Drawing every object in the right
+    column"). A left-column object is drawn mirrored left-right, which is exact in this world (every shape is
+    mirror-symmetric and the mirror of "left" is "right"); a middle-column one is drawn one column further right,
+    which is exact but for rounding (a cell is a third of the canvas)."""
+    from . import shapes
+
+    row, col = divmod(cell, 3)
+    drawn = shapes.noun_phrase(1, shape, color, size, row * 3 + DRAW_COLUMN)
+    return Region(drawn, box, mirror=col == 0, shift=(DRAW_COLUMN - col) / 3 if col == 1 else 0.0)
+
+
 def plan_layout(prompt: str) -> Layout:
     """The layout of a shapes-grammar prompt, isolated over the black canvas:
 
     - two single objects, related or joined by "and": a half each, with a corner phrase the model places well
       ("a red circle above a blue square" -> 0,0,1,0.5=a red circle at the top right and 0,0.5,1,1=a blue square
       at the bottom right; "A and B" is laid out as "A above B");
-    - a count of 2-4 objects: one object per quadrant ("three red circles" -> "a red circle at the top left", ...);
+    - a count of 2-4 objects: one object per quadrant ("three red circles" -> a red circle at the top left, ...);
     - one object in a named cell: that cell (a little wider) alone, black elsewhere.
 
+    Every object is drawn in the right column, mirrored or moved into place (:func:`_drawn`).
     A one-line ValueError for any other prompt (:func:`planned` returns an empty layout instead)."""
     from . import shapes
 
@@ -228,20 +294,18 @@ def plan_layout(prompt: str) -> Layout:
     except ValueError:
         spec = None
     objects = spec.objects if spec is not None else ()
-    plan: list[tuple[str, Box]] = []
+    plan: list[tuple[shapes.ObjectSpec, Box, int]] = []
     if len(objects) == 2 and all(o.cell is None and o.count == 1 for o in objects):
-        plan = [(shapes.noun_phrase(1, o.shape, o.color, o.size, cell), box)
-                for o, (box, cell) in zip(objects, RELATION_LAYOUT[spec.relation or "above"])]
+        plan = [(o, box, cell) for o, (box, cell) in zip(objects, RELATION_LAYOUT[spec.relation or "above"])]
     elif len(objects) == 1 and objects[0].cell is None and objects[0].count in COUNT_LAYOUT:
-        o = objects[0]
-        plan = [(shapes.noun_phrase(1, o.shape, o.color, o.size, cell), box) for box, cell in COUNT_LAYOUT[o.count]]
+        plan = [(objects[0], box, cell) for box, cell in COUNT_LAYOUT[objects[0].count]]
     elif len(objects) == 1 and objects[0].cell is not None and objects[0].count == 1:
-        plan = [(prompt, cell_box(objects[0].cell))]
+        plan = [(objects[0], cell_box(objects[0].cell), objects[0].cell)]
     if not plan:
         raise ValueError(f"cannot plan a layout for {prompt!r}: planning takes a shapes-world prompt of two single objects "
                          f"(\"a red circle above a blue square\"), 2-4 objects (\"three red circles\") or one object "
                          f"in a named place (\"a red circle at the top left\")")
-    return Layout(tuple(Region(text, box) for text, box in plan), SHAPES_BACKGROUND)
+    return Layout(tuple(_drawn(box, cell, o.shape, o.color, o.size) for o, box, cell in plan), SHAPES_BACKGROUND)
 
 
 def planned(prompt: Optional[str]) -> Layout:
