@@ -1,14 +1,14 @@
 """Does a layout help the shapes model? Plain sampling against planned layouts, shared and isolated.
 
 For each prompt that :func:`diffuse.regions.plan_layout` can plan (a relation or "and" of two objects, a count
-of 2-4, one object in a named cell), the same seed is sampled three ways and scored with the adherence scorer:
+of 2-4, one object), the same seed is sampled three ways and scored with the adherence scorer:
 
 * plain: the prompt alone;
 * shared: the planned regions, each path seeing the whole shared image (MultiDiffusion), the whole prompt where
   no box reaches (`--region` without `--region-background`);
 * isolated: the planned regions, each path seeing only its own box over the black canvas (`--plan-layout`).
 
-Rows: the kind of plan (the relation word, "and", "count N", "named cell").
+Rows: the kind of plan (the relation word, "and", "count N", "named cell", "one object": no place named).
 
     python bench/layout_plan.py --n 40 --families position            # the first 40 position prompts
     python bench/layout_plan.py --n 200 --prompt-seed 1 --families position counting single
@@ -36,7 +36,8 @@ def kind(prompt: str) -> str:
     spec = shapes.parse_prompt(prompt)
     if len(spec.objects) == 2:
         return spec.relation or "and"
-    return "named cell" if spec.objects[0].cell is not None else f"count {spec.objects[0].count}"
+    o = spec.objects[0]
+    return "named cell" if o.cell is not None else "one object" if o.count == 1 else f"count {o.count}"
 
 
 def main() -> None:
@@ -55,7 +56,7 @@ def main() -> None:
     prompts = [p for p, f in shapes.eval_prompts(args.n, seed=args.prompt_seed) if f in args.families and planned(p).regions]
     tally: dict[tuple[str, str], list[int]] = {}
     for seed, prompt in enumerate(prompts):
-        layout = planned(prompt)
+        layout = planned(prompt, seed)
         for mode in MODES:
             if mode == "plain":
                 [g] = pipe(prompt, seeds=[seed], plan_layout=False)

@@ -145,7 +145,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     settings = sample_settings(pipe, args)
     notes = pipe.check_prompt(args.prompt, args.negative)  # refuse bad input before any folder or progress bar
     size = pipe.check_size(args.size) if args.size is not None else pipe.model.cfg.image_size * pipe.codec.factor
-    pipe.layouts([args.prompt], 1, size, args.region or [], args.region_background, args.plan_layout)  # checks
+    pipe.layouts([args.prompt] * len(seeds), seeds, size, args.region or [], args.region_background, args.plan_layout)  # checks
     if args.plan_layout:
         plan_layout(args.prompt or "")  # asked for: a prompt it cannot plan is an error, not a silent plain image
     out = writable_folder(Path(args.out))
@@ -414,7 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "only its own box, and pixels no box covers are the background; needed when regions repeat an object")
     p.add_argument("--plan-layout", action=argparse.BooleanOptionalAction,
                    help="shapes models: lay out the prompt as isolated regions on the black canvas: two objects (\"a red "
-                        "circle above a blue square\", \"... and ...\"), a count (\"three red circles\") or a named place; "
+                        "circle above a blue square\", \"... and ...\"), a count (\"three red circles\") or one object, in its named "
+                        "place or in cell SEED %% 9; "
                         "default: the model's (the shipped shapes plans what it can); --no-plan-layout: the network alone")
     p.add_argument("--grid", action="store_true", help="also write a grid of all images")
     _provenance_flags(p)
@@ -450,7 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     _correction_flags(p)
     p.add_argument("--guidance-sweep", metavar="W1,W2,...", help="evaluate each guidance scale on the same prompts and seeds, e.g. 1,2,3,4,6")
     p.add_argument("--plan-layout", action=argparse.BooleanOptionalAction, help="lay out each prompt the planner can (two "
-                   "objects, a count, a named place; as `diffuse generate --plan-layout`), the others sampled plainly; "
+                   "objects, a count, one object; as `diffuse generate --plan-layout`), the others sampled plainly; "
                    "default: the model's; --no-plan-layout scores the network alone")
     p.add_argument("--batch-size", type=int, default=16, help="images sampled together (results do not depend on it)")
     p.add_argument("--save-images", action="store_true", help="write the images (PNG with records) and prompts.jsonl to --out")

@@ -292,7 +292,7 @@ class Pipeline:
         res = self.check_size(size or self.model.cfg.image_size * self.codec.factor)
         for prompt in dict.fromkeys(prompts or [None]):
             self.check_prompt(prompt, negative)
-        per_image = self.layouts(prompts, len(seeds), res, regions, region_background, plan_layout)
+        per_image = self.layouts(prompts, seeds, res, regions, region_background, plan_layout)
         planning = self.planning(plan_layout, bool(regions))
         sigma_list = settings.sigmas(self.model).tolist()
         out: list[Generated] = []
@@ -363,15 +363,16 @@ class Pipeline:
         """Whether layouts are planned: ``plan_layout`` if given, else the model's default unless regions are given."""
         return self.plan_layout and not has_regions if plan_layout is None else plan_layout
 
-    def layouts(self, prompts: Optional[Sequence[Optional[str]]], n: int, size: int, regions: Sequence[Region | str] = (),
-                region_background: Optional[Color | str] = None, plan_layout: Optional[bool] = None) -> list[Layout]:
-        """The layouts of ``n`` images of ``size`` pixels, checked (one-line ValueErrors). ``regions``:
+    def layouts(self, prompts: Optional[Sequence[Optional[str]]], seeds: Sequence[int], size: int,
+                regions: Sequence[Region | str] = (), region_background: Optional[Color | str] = None,
+                plan_layout: Optional[bool] = None) -> list[Layout]:
+        """The layouts of the images of ``seeds`` at ``size`` pixels, checked (one-line ValueErrors). ``regions``:
         :class:`~diffuse.regions.Region` or ``"X0,Y0,X1,Y1=PROMPT"`` strings, the same for every image;
         ``region_background`` (RGB or a color such as "black"): their paths are isolated over that background
         (default: shared paths, the whole prompt where no box reaches). When planning (:meth:`planning`: ``plan_layout``,
         by default the model's folder's when no regions are given), each prompt that
-        :func:`~diffuse.regions.plan_layout` can plan (shapes world: two objects, a count, a named place) gets its
-        planned layout and the others none."""
+        :func:`~diffuse.regions.plan_layout` can plan (shapes world: two objects, a count, one object) gets its
+        planned layout, which may depend on the image's seed, and the others none."""
         given = tuple(r if isinstance(r, Region) else Region.parse(r) for r in regions)
         if given and plan_layout:
             raise ValueError("give regions or plan_layout, not both")
@@ -379,9 +380,9 @@ class Pipeline:
         if background is not None and not given:
             raise ValueError("a region background applies to regions; give at least one region")
         if self.planning(plan_layout, bool(given)):
-            out = [planned(p) for p in prompts or [None] * n]
+            out = [planned(p, seed) for p, seed in zip(prompts or [None] * len(seeds), seeds)]
         else:
-            out = [Layout(given, background)] * n
+            out = [Layout(given, background)] * len(seeds)
         self.check_regions(list(dict.fromkeys(r for lay in out for r in lay.regions)), size)
         return out
 

@@ -20,7 +20,7 @@ circle" draw four circles, where shared paths draw one or two (bench/RESULTS.md,
 
 A region is written ``X0,Y0,X1,Y1=PROMPT`` with the box in fractions of the canvas, (0, 0) the top left:
 ``0,0,1,0.5=a red circle at the top``. :func:`plan_layout` makes the layout of a shapes-grammar prompt
-(two objects and their relation, a count of objects, one object in a named cell) on the shapes world's
+(two objects and their relation, a count of objects, one object) on the shapes world's
 black background: the layout-planning step of LLM-grounded diffusion (Lian et al. 2023), done by the
 grammar instead of a language model.
 """
@@ -61,14 +61,15 @@ class Region:
     """A prompt for the part of the canvas inside ``box`` = (x0, y0, x1, y1), fractions of the width and height.
 
     ``mirror`` and ``shift`` set the frame the region's path draws in: the path denoises its input mirrored
-    left-right (``mirror``) and then moved right by ``shift`` of the width (wrapping around), and its output is
+    left-right (``mirror``) and then moved by ``shift`` = (right, down), fractions of the width and height
+    (wrapping around), and its output is
     moved back, so ``prompt`` describes the object where the path draws it. :func:`plan_layout` uses this to draw
     every object in the column the model places best."""
 
     prompt: str
     box: Box
     mirror: bool = False
-    shift: float = 0.0
+    shift: tuple[float, float] = (0.0, 0.0)
 
     def __post_init__(self) -> None:
         x0, y0, x1, y1 = self.box
@@ -77,8 +78,9 @@ class Region:
                              f"(fractions of the canvas, 0,0 at the top left)")
         if not self.prompt.strip():
             raise ValueError(f"the region {self.spec()} has an empty prompt; write X0,Y0,X1,Y1=PROMPT")
-        if not (math.isfinite(self.shift) and -1 < self.shift < 1):
-            raise ValueError(f"the region {self.spec()} has shift {self.shift}; give a fraction of the width in (-1, 1)")
+        if len(self.shift) != 2 or not all(math.isfinite(v) and -1 < v < 1 for v in self.shift):
+            raise ValueError(f"the region {self.spec()} has shift {self.shift}; give (right, down) as fractions of the "
+                             f"canvas in (-1, 1)")
 
     def spec(self) -> str:
         """The ``X0,Y0,X1,Y1=PROMPT`` form (what :meth:`parse` reads; it has no frame)."""
@@ -86,12 +88,12 @@ class Region:
 
     def to_dict(self) -> dict[str, Any]:
         frame = {"mirror": True} if self.mirror else {}
-        return {"prompt": self.prompt, "box": list(self.box), **frame, **({"shift": self.shift} if self.shift else {})}
+        return {"prompt": self.prompt, "box": list(self.box), **frame, **({"shift": list(self.shift)} if any(self.shift) else {})}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Region":
         return cls(d["prompt"], tuple(float(v) for v in d["box"]), bool(d.get("mirror", False)),  # type: ignore[arg-type]
-                   float(d.get("shift", 0.0)))
+                   tuple(float(v) for v in d.get("shift", (0.0, 0.0))))  # type: ignore[arg-type]
 
     @classmethod
     def parse(cls, text: str) -> "Region":
@@ -111,22 +113,22 @@ class Region:
 @dataclass(frozen=True)
 class Frames:
     """Per image of a batch, the frame one region path draws in (:class:`Region`'s ``mirror`` and ``shift``, the
-    shift in pixels of the model's canvas)."""
+    shift (right, down) in pixels of the model's square canvas)."""
 
     mirror: torch.Tensor  # [B] bool
-    shift: tuple[int, ...]
+    shift: tuple[tuple[int, int], ...]
 
     @classmethod
     def of(cls, regions: Sequence[Optional[Region]], side: int) -> Optional["Frames"]:
         """The frames of one path's regions (None: an image without that region); None when all are the canvas."""
         mirror = torch.tensor([r is not None and r.mirror for r in regions])
-        shift = tuple(round(r.shift * side) if r is not None else 0 for r in regions)
-        return cls(mirror, shift) if bool(mirror.any()) or any(shift) else None
+        shift = tuple((round(r.shift[0] * side), round(r.shift[1] * side)) if r is not None else (0, 0) for r in regions)
+        return cls(mirror, shift) if bool(mirror.any()) or any(any(s) for s in shift) else None
 
     def _roll(self, x: torch.Tensor, sign: int) -> torch.Tensor:
-        if not any(self.shift):
+        if not any(any(s) for s in self.shift):
             return x
-        return torch.stack([xi.roll(sign * s, dims=-1) for xi, s in zip(x, self.shift)])
+        return torch.stack([xi.roll((sign * dy, sign * dx), dims=(-2, -1)) for xi, (dx, dy) in zip(x, self.shift)])
 
     def _mirror(self, x: torch.Tensor) -> torch.Tensor:
         return torch.where(self.mirror.to(x.device)[:, None, None, None], x.flip(-1), x)
@@ -228,20 +230,20 @@ class RegionDenoiser:
         return out
 
 
-# the halves of the canvas that satisfy each relation for (first object, second object), and the place phrase
-# (shapes.CELL_PHRASES index) that tells the model to draw there. The phrases were picked on the first 60
-# position prompts of shapes.eval_prompts with the shipped `shapes` (bench/RESULTS.md, "A layout for the
-# relation words"): corners, which that model places best, beat "at the top" / "on the left" (29 vs 25 of 33
-# above/below prompts; 21 vs 8 of 27 left/right ones).
+# (box, grid cell) per object: the part of the canvas its path sees and a cell of that box, whose column decides
+# how the object is drawn (:func:`_drawn`: at the top right of its box's frame, mirrored in the left column).
+# Relations: the halves of the canvas that satisfy each relation for (first object, second object); a pair
+# joined by "and" is laid out as "above". Shared paths needed the two objects in opposite corners (bench/RESULTS.md,
+# "A layout for the relation words"); isolated paths each see only their own half.
 RELATION_LAYOUT: dict[str, tuple[tuple[Box, int], tuple[Box, int]]] = {
-    "above": (((0, 0, 1, 0.5), 2), ((0, 0.5, 1, 1), 8)),  # at the top right / at the bottom right
+    "above": (((0, 0, 1, 0.5), 2), ((0, 0.5, 1, 1), 8)),
     "below": (((0, 0.5, 1, 1), 8), ((0, 0, 1, 0.5), 2)),
-    "to the left of": (((0, 0, 0.5, 1), 6), ((0.5, 0, 1, 1), 2)),  # at the bottom left / at the top right
-    "to the right of": (((0.5, 0, 1, 1), 2), ((0, 0, 0.5, 1), 6)),
+    "to the left of": (((0, 0, 0.5, 1), 0), ((0.5, 0, 1, 1), 2)),
+    "to the right of": (((0.5, 0, 1, 1), 2), ((0, 0, 0.5, 1), 0)),
 }
 
 
-# counting: the quadrants (with the corner phrases the model places best) that hold 2, 3 or 4 objects
+# counting: the quadrants that hold 2, 3 or 4 objects, each with its corner cell
 COUNT_LAYOUT: dict[int, tuple[tuple[Box, int], ...]] = {
     2: (((0, 0, 0.5, 0.5), 0), ((0.5, 0.5, 1, 1), 8)),
     3: (((0, 0, 0.5, 0.5), 0), ((0.5, 0, 1, 0.5), 2), ((0, 0.5, 0.5, 1), 6)),
@@ -258,34 +260,38 @@ def cell_box(cell: int) -> Box:
             min(1.0, (col + 1) / 3 + CELL_REGION_MARGIN), min(1.0, (row + 1) / 3 + CELL_REGION_MARGIN))
 
 
-DRAW_COLUMN = 2  # the grid column in which the shipped shapes model places objects best (see _drawn)
+DRAW_CELL = 2  # the grid cell (the top right) in which the shipped shapes model draws a named object best
 
 
 def _drawn(box: Box, cell: int, shape: str, color: Optional[str], size: Optional[str]) -> Region:
-    """The region ``box`` for one object in grid ``cell``, drawn in the right column (``DRAW_COLUMN``): the
-    shipped `shapes` model places an object named in the right column far better than in the others (isolated
-    cell regions, 30 prompts per cell: top right 30, on the right 29, bottom right 27; top left 21, on the left
-    13, bottom left 19; top 24, center 15, bottom 28; bench/RESULTS.md, "Drawing every object in the right
-    column"). A left-column object is drawn mirrored left-right, which is exact in this world (every shape is
-    mirror-symmetric and the mirror of "left" is "right"); a middle-column one is drawn one column further right,
-    which is exact but for rounding (a cell is a third of the canvas)."""
+    """The region ``box`` for one object in grid ``cell``, drawn in the top-right cell (``DRAW_CELL``) and moved
+    into place. The shipped `shapes` model places a named object in the right column far better than in the
+    others (isolated cell regions, 30 colored prompts per cell: top right 30, on the right 29, bottom right 27;
+    top left 21, on the left 13, bottom left 19; top 24, center 15, bottom 28), and draws an object without a
+    color only in the top row ("a square" on the right or at the bottom: nothing in 6 of 6 seeds; bench/RESULTS.md,
+    "Drawing every object at the top right"). A left-column object is drawn mirrored left-right, which is exact in
+    this world (every shape is mirror-symmetric and the mirror of "left" is "right"); a middle-column one one
+    column to the right; a cell's box is moved up by its row, a half or quadrant to the top of the canvas. The
+    moves are exact but for rounding to whole pixels (a cell is a third of the canvas)."""
     from . import shapes
 
     row, col = divmod(cell, 3)
-    drawn = shapes.noun_phrase(1, shape, color, size, row * 3 + DRAW_COLUMN)
-    return Region(drawn, box, mirror=col == 0, shift=(DRAW_COLUMN - col) / 3 if col == 1 else 0.0)
+    up = row / 3 if box[3] - box[1] < 0.5 else box[1]
+    return Region(shapes.noun_phrase(1, shape, color, size, DRAW_CELL), box, mirror=col == 0,
+                  shift=(1 / 3 if col == 1 else 0.0, -up))
 
 
-def plan_layout(prompt: str) -> Layout:
+def plan_layout(prompt: str, seed: int = 0) -> Layout:
     """The layout of a shapes-grammar prompt, isolated over the black canvas:
 
-    - two single objects, related or joined by "and": a half each, with a corner phrase the model places well
-      ("a red circle above a blue square" -> 0,0,1,0.5=a red circle at the top right and 0,0.5,1,1=a blue square
-      at the bottom right; "A and B" is laid out as "A above B");
+    - two single objects, related or joined by "and": a half each ("a red circle above a blue square" -> the top
+      half for the red circle, the bottom half for the blue square; "A and B" is laid out as "A above B");
     - a count of 2-4 objects: one object per quadrant ("three red circles" -> a red circle at the top left, ...);
-    - one object in a named cell: that cell (a little wider) alone, black elsewhere.
+    - one object in a named cell: that cell (a little wider) alone, black elsewhere;
+    - one object with no place: the same in cell ``seed % 9`` (row-major from the top left), so that seeds 0-8
+      put it in every cell, as the world's captions leave its place free.
 
-    Every object is drawn in the right column, mirrored or moved into place (:func:`_drawn`).
+    Every object is drawn at the top right, mirrored and moved into place (:func:`_drawn`).
     A one-line ValueError for any other prompt (:func:`planned` returns an empty layout instead)."""
     from . import shapes
 
@@ -299,18 +305,19 @@ def plan_layout(prompt: str) -> Layout:
         plan = [(o, box, cell) for o, (box, cell) in zip(objects, RELATION_LAYOUT[spec.relation or "above"])]
     elif len(objects) == 1 and objects[0].cell is None and objects[0].count in COUNT_LAYOUT:
         plan = [(objects[0], box, cell) for box, cell in COUNT_LAYOUT[objects[0].count]]
-    elif len(objects) == 1 and objects[0].cell is not None and objects[0].count == 1:
-        plan = [(objects[0], cell_box(objects[0].cell), objects[0].cell)]
+    elif len(objects) == 1 and objects[0].count == 1:
+        cell = objects[0].cell if objects[0].cell is not None else seed % 9
+        plan = [(objects[0], cell_box(cell), cell)]
     if not plan:
         raise ValueError(f"cannot plan a layout for {prompt!r}: planning takes a shapes-world prompt of two single objects "
                          f"(\"a red circle above a blue square\"), 2-4 objects (\"three red circles\") or one object "
-                         f"in a named place (\"a red circle at the top left\")")
+                         f"(\"a red circle\", \"a red circle at the top left\")")
     return Layout(tuple(_drawn(box, cell, o.shape, o.color, o.size) for o, box, cell in plan), SHAPES_BACKGROUND)
 
 
-def planned(prompt: Optional[str]) -> Layout:
+def planned(prompt: Optional[str], seed: int = 0) -> Layout:
     """:func:`plan_layout`'s layout where the prompt can be planned, else an empty one (plain sampling)."""
     try:
-        return plan_layout(prompt or "")
+        return plan_layout(prompt or "", seed)
     except ValueError:
         return Layout()

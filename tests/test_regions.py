@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffuse import adherence, rng
+from diffuse import adherence, rng, shapes
 from diffuse.pipeline import Pipeline, SampleSettings
 from diffuse.regions import Frames, Layout, Region, RegionDenoiser, parse_color, plan_layout, planned, region_weights
 from diffuse.replay import replay
@@ -45,8 +45,8 @@ def test_parse_and_its_one_line_errors():
     r = Region.parse("0,0.5,1,1=a blue square at the bottom")
     assert r == Region("a blue square at the bottom", (0.0, 0.5, 1.0, 1.0)) and Region.parse(r.spec()) == r
     assert Region.from_dict(r.to_dict()) == r and r.to_dict() == {"prompt": "a blue square at the bottom", "box": [0, 0.5, 1, 1]}
-    framed = Region("a red circle on the right", (0, 0, 0.5, 1), mirror=True, shift=0.25)
-    assert Region.from_dict(framed.to_dict()) == framed and framed.to_dict()["mirror"] and framed.to_dict()["shift"] == 0.25
+    framed = Region("a red circle on the right", (0, 0, 0.5, 1), mirror=True, shift=(0.25, -0.5))
+    assert Region.from_dict(framed.to_dict()) == framed and framed.to_dict()["mirror"] and framed.to_dict()["shift"] == [0.25, -0.5]
     for text, message in [("0,0,1=x", "is not X0,Y0,X1,Y1=PROMPT"), ("a,b,c,d=x", "is not X0,Y0,X1,Y1=PROMPT"),
                           ("0,0,1,2=x", "must be x0,y0,x1,y1 with 0 <= x0 < x1 <= 1"),
                           ("0.5,0,0.5,1=x", "must be x0,y0,x1,y1"), ("nan,0,1,1=x", "must be x0,y0,x1,y1"),
@@ -55,25 +55,28 @@ def test_parse_and_its_one_line_errors():
             Region.parse(text)
 
 
-    with pytest.raises(ValueError, match="has shift 1.5; give a fraction of the width in"):
-        Region("x", (0, 0, 1, 1), shift=1.5)
+    for shift in [(1.5, 0), (0, float("nan")), (0.5,)]:
+        with pytest.raises(ValueError, match="give \\(right, down\\) as fractions of the canvas in \\(-1, 1\\)"):
+            Region("x", (0, 0, 1, 1), shift=shift)
 
 
 def test_a_framed_path_draws_mirrored_or_shifted_and_its_output_is_moved_back():
-    """A denoiser that adds its input's column index: in a frame, the column index it adds is the frame's."""
-    def column_ramp(x, sigma, cond):
-        return x + torch.arange(x.shape[-1], dtype=x.dtype)
+    """A denoiser that adds its input's column index and ten times its row index: in a frame, the indices it adds
+    are the frame's."""
+    def ramp(x, sigma, cond):
+        return x + torch.arange(x.shape[-1], dtype=x.dtype) + 10 * torch.arange(x.shape[-2], dtype=x.dtype)[:, None]
 
     whole = region_weights([(0, 0, 1, 1)], 6)
     x = torch.randn(3, 2, 6, 6, generator=torch.Generator().manual_seed(0))
-    regions = [Region("p", (0, 0, 1, 1), mirror=True), Region("p", (0, 0, 1, 1), shift=1 / 3),
-               Region("p", (0, 0, 1, 1), mirror=True, shift=-1 / 6)]
+    regions = [Region("p", (0, 0, 1, 1), mirror=True), Region("p", (0, 0, 1, 1), shift=(1 / 3, -0.5)),
+               Region("p", (0, 0, 1, 1), mirror=True, shift=(-1 / 6, 0))]
     frames = Frames.of(regions, 6)
-    assert frames.shift == (0, 2, -1) and torch.equal(frames.leave(frames.enter(x)), x)
-    den = RegionDenoiser([(None, None), (column_ramp, None)], torch.cat([whole] * 3, dim=1), frames=[frames])
+    assert frames.shift == ((0, 0), (2, -3), (-1, 0)) and torch.equal(frames.leave(frames.enter(x)), x)
+    den = RegionDenoiser([(None, None), (ramp, None)], torch.cat([whole] * 3, dim=1), frames=[frames])
     out = den(x, torch.ones(3)) - x
-    cols = torch.arange(6.0)
-    for i, expected in enumerate([5 - cols, (cols + 2) % 6, (4 - cols) % 6]):  # canvas column c is frame column ...
+    cols, rows = torch.arange(6.0), torch.arange(6.0)[:, None]
+    # canvas column c, row r is frame column / row ...
+    for i, expected in enumerate([5 - cols + 10 * rows, (cols + 2) % 6 + 10 * ((rows - 3) % 6), (4 - cols) % 6 + 10 * rows]):
         torch.testing.assert_close(out[i], expected.expand(2, 6, 6), rtol=0, atol=1e-5)
     assert Frames.of([Region("p", (0, 0, 1, 1)), None], 6) is None
 
@@ -125,29 +128,36 @@ def test_colors_parse_and_their_one_line_errors():
 
 
 def test_the_planner_lays_out_relations_counts_and_places_on_the_black_canvas():
-    """Every object is drawn in the right column: left-column boxes mirrored, middle-column ones moved a third right."""
+    """Every object is drawn at the top right: left-column boxes mirrored, middle-column ones moved a third right;
+    a cell's box moved up by its row, a half's or quadrant's to the top."""
     black = (0, 0, 0)
     assert plan_layout("a red circle above a blue square") == Layout((
-        Region("a red circle at the top right", (0, 0, 1, 0.5)), Region("a blue square at the bottom right", (0, 0.5, 1, 1))), black)
+        Region("a red circle at the top right", (0, 0, 1, 0.5)),
+        Region("a blue square at the top right", (0, 0.5, 1, 1), shift=(0, -0.5))), black)
     assert plan_layout("a large red circle to the right of a blue square").regions == (
         Region("a large red circle at the top right", (0.5, 0, 1, 1)),
-        Region("a blue square at the bottom right", (0, 0, 0.5, 1), mirror=True))
+        Region("a blue square at the top right", (0, 0, 0.5, 1), mirror=True))
     assert plan_layout("a red circle and a blue square") == plan_layout("a red circle above a blue square")
     assert plan_layout("three small red circles") == Layout((
         Region("a small red circle at the top right", (0, 0, 0.5, 0.5), mirror=True),
         Region("a small red circle at the top right", (0.5, 0, 1, 0.5)),
-        Region("a small red circle at the bottom right", (0, 0.5, 0.5, 1), mirror=True)), black)
+        Region("a small red circle at the top right", (0, 0.5, 0.5, 1), mirror=True, shift=(0, -0.5))), black)
     assert [r.box for r in plan_layout("two red circles").regions] == [(0, 0, 0.5, 0.5), (0.5, 0.5, 1, 1)]
     assert len(plan_layout("four red circles").regions) == 4
     [center] = plan_layout("a blue square in the center").regions
-    assert (center.prompt, center.mirror, center.shift) == ("a blue square on the right", False, pytest.approx(1 / 3))
+    assert (center.prompt, center.mirror) == ("a blue square at the top right", False)
+    assert center.shift == pytest.approx((1 / 3, -1 / 3))
     assert center.box == pytest.approx((1 / 3 - 0.05, 1 / 3 - 0.05, 2 / 3 + 0.05, 2 / 3 + 0.05))
     [top_left] = plan_layout("a small blue square at the top left").regions
-    assert (top_left.prompt, top_left.mirror, top_left.shift) == ("a small blue square at the top right", True, 0.0)
+    assert (top_left.prompt, top_left.mirror, top_left.shift) == ("a small blue square at the top right", True, (0, 0))
     assert top_left.box == pytest.approx((0, 0, 1 / 3 + 0.05, 1 / 3 + 0.05))
     [bottom_right] = plan_layout("a circle at the bottom right").regions
-    assert (bottom_right.prompt, bottom_right.mirror, bottom_right.shift) == ("a circle at the bottom right", False, 0.0)
-    for prompt in ["a red circle", "one red circle", "two red circles and a blue square",
+    assert (bottom_right.prompt, bottom_right.mirror) == ("a circle at the top right", False)
+    assert bottom_right.shift == pytest.approx((0, -2 / 3))
+    for seed, cell in [(0, 0), (4, 4), (17, 8)]:  # one object with no place: cell seed % 9
+        assert plan_layout("one red circle", seed) == plan_layout(shapes.noun_phrase(1, "circle", "red", None, cell))
+    assert plan_layout("a red circle", 4) == plan_layout("one red circle", 4) != plan_layout("a red circle", 5)
+    for prompt in ["five red circles", "two red circles and a blue square",
                    "a red circle at the top above a blue square", "a dragon"]:
         with pytest.raises(ValueError, match="cannot plan a layout for"):
             plan_layout(prompt)
@@ -220,14 +230,14 @@ def test_planned_layouts_per_image_in_one_batch(text_model):
     layout given explicitly, and its record lists it."""
     pipe = Pipeline.load("shapes")
     fast = SampleSettings(sampler="dpmpp_2m", steps=3, cfg=2.0)
-    prompts = [CAPTIONS[0], CAPTIONS[1], "a green triangle and a red circle", CAPTIONS[2]]
+    prompts = [CAPTIONS[0], "two green triangles and a red circle", "a green triangle and a red circle", CAPTIONS[1]]
     batch = pipe.generate_batch([0, 1, 2, 3], prompts=prompts, plan_layout=True, batch_size=4, settings=fast)
     for seed, (prompt, g) in enumerate(zip(prompts, batch)):
-        layout = planned(prompt)
+        layout = planned(prompt, seed)
         [alone] = pipe(prompt, seeds=[seed], regions=layout.regions, region_background=layout.background, settings=fast)
         assert np.array_equal(np.asarray(g.image), np.asarray(alone.image))
         assert Layout.from_record(g.record) == layout and g.record["plan_layout"]
-    assert batch[1].record["regions"] == [] and [len(g.record["regions"]) for g in batch] == [2, 0, 2, 2]
+    assert batch[1].record["regions"] == [] and [len(g.record["regions"]) for g in batch] == [2, 0, 2, 1]
     with pytest.raises(ValueError, match="not both"):
         pipe(CAPTIONS[0], regions=["0,0,1,1=a red circle"], plan_layout=True)
     with pytest.raises(ValueError, match="region 0,0,1,0.5=a red circle at the top right: the prompt has words this model "
@@ -270,8 +280,8 @@ def test_the_shipped_shapes_plans_by_default(tmp_path):
         assert r.returncode == 0, r.stderr
         record = read_record(out / "three-red-circles-s0.png")
         assert len(record["regions"]) == regions and record["plan_layout"] == (not flags)
-    r = _generate("a red circle", "--out", str(tmp_path / "plain"), *fast)  # nothing to plan: sampled plainly
-    assert r.returncode == 0 and read_record(tmp_path / "plain" / "a-red-circle-s0.png")["regions"] == []
+    r = _generate("two red circles and a blue square", "--out", str(tmp_path / "plain"), *fast)  # nothing to plan
+    assert r.returncode == 0 and read_record(tmp_path / "plain" / "two-red-circles-and-a-blue-square-s0.png")["regions"] == []
     pipe = Pipeline.load("shapes")
     two = SampleSettings(steps=2)
     [g] = pipe("three red circles", settings=two)
