@@ -27,6 +27,7 @@ grammar instead of a language model.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
@@ -230,25 +231,18 @@ class RegionDenoiser:
         return out
 
 
-# (box, grid cell) per object: the part of the canvas its path sees and a cell of that box, whose column decides
-# how the object is drawn (:func:`_drawn`: at the top right of its box's frame, mirrored in the left column).
-# Relations: the halves of the canvas that satisfy each relation for (first object, second object); a pair
-# joined by "and" is laid out as "above". Shared paths needed the two objects in opposite corners (bench/RESULTS.md,
-# "A layout for the relation words"); isolated paths each see only their own half.
-RELATION_LAYOUT: dict[str, tuple[tuple[Box, int], tuple[Box, int]]] = {
-    "above": (((0, 0, 1, 0.5), 2), ((0, 0.5, 1, 1), 8)),
-    "below": (((0, 0.5, 1, 1), 8), ((0, 0, 1, 0.5), 2)),
-    "to the left of": (((0, 0, 0.5, 1), 0), ((0.5, 0, 1, 1), 2)),
-    "to the right of": (((0.5, 0, 1, 1), 2), ((0, 0, 0.5, 1), 0)),
+# the halves of the canvas that satisfy each relation for (first object, second object); a pair joined by "and"
+# is laid out as "above". Each object's free coordinate (its column in a half of the full width, its row in a
+# half of the full height) comes from the seed.
+RELATION_HALVES: dict[str, tuple[Box, Box]] = {
+    "above": ((0, 0, 1, 0.5), (0, 0.5, 1, 1)),
+    "below": ((0, 0.5, 1, 1), (0, 0, 1, 0.5)),
+    "to the left of": ((0, 0, 0.5, 1), (0.5, 0, 1, 1)),
+    "to the right of": ((0.5, 0, 1, 1), (0, 0, 0.5, 1)),
 }
-
-
-# counting: the quadrants that hold 2, 3 or 4 objects, each with its corner cell
-COUNT_LAYOUT: dict[int, tuple[tuple[Box, int], ...]] = {
-    2: (((0, 0, 0.5, 0.5), 0), ((0.5, 0.5, 1, 1), 8)),
-    3: (((0, 0, 0.5, 0.5), 0), ((0.5, 0, 1, 0.5), 2), ((0, 0.5, 0.5, 1), 6)),
-    4: (((0, 0, 0.5, 0.5), 0), ((0.5, 0, 1, 0.5), 2), ((0, 0.5, 0.5, 1), 6), ((0.5, 0.5, 1, 1), 8)),
-}
+# counting: the quadrants, each with its corner cell; 2 or 3 objects take a subset picked by the seed
+QUADRANTS: tuple[tuple[Box, int], ...] = (((0, 0, 0.5, 0.5), 0), ((0.5, 0, 1, 0.5), 2), ((0, 0.5, 0.5, 1), 6),
+                                          ((0.5, 0.5, 1, 1), 8))
 CELL_REGION_MARGIN = 0.05  # a named cell's region reaches this far (canvas fractions) past the cell
 SHAPES_BACKGROUND: Color = (0, 0, 0)  # the shapes world's canvas
 
@@ -271,25 +265,28 @@ def _drawn(box: Box, cell: int, shape: str, color: Optional[str], size: Optional
     color only in the top row ("a square" on the right or at the bottom: nothing in 6 of 6 seeds; bench/RESULTS.md,
     "Drawing every object at the top right"). A left-column object is drawn mirrored left-right, which is exact in
     this world (every shape is mirror-symmetric and the mirror of "left" is "right"); a middle-column one one
-    column to the right; a cell's box is moved up by its row, a half or quadrant to the top of the canvas. The
-    moves are exact but for rounding to whole pixels (a cell is a third of the canvas)."""
+    column to the right (``box`` is a cell's or spans the width); it is moved up by its row (``box`` is a cell's or
+    spans the height), or a box of half the height to the top of the canvas. The moves wrap around the canvas and
+    are exact but for rounding to whole pixels (a cell is a third of the canvas)."""
     from . import shapes
 
     row, col = divmod(cell, 3)
-    up = row / 3 if box[3] - box[1] < 0.5 else box[1]
+    up = box[1] if 0.5 <= box[3] - box[1] < 1 else row / 3
     return Region(shapes.noun_phrase(1, shape, color, size, DRAW_CELL), box, mirror=col == 0,
                   shift=(1 / 3 if col == 1 else 0.0, -up))
 
 
 def plan_layout(prompt: str, seed: int = 0) -> Layout:
-    """The layout of a shapes-grammar prompt, isolated over the black canvas:
+    """The layout of a shapes-grammar prompt, isolated over the black canvas; what the prompt leaves free comes
+    from ``seed``, so that seeds vary the layout:
 
     - two single objects, related or joined by "and": a half each ("a red circle above a blue square" -> the top
-      half for the red circle, the bottom half for the blue square; "A and B" is laid out as "A above B");
-    - a count of 2-4 objects: one object per quadrant ("three red circles" -> a red circle at the top left, ...);
+      half for the red circle, the bottom half for the blue square; "A and B" is laid out as "A above B"), the
+      first object in column (or row, for left / right) ``seed % 3`` of its half, the second in ``seed // 3 % 3``;
+    - a count of 2-4 objects: one object per quadrant, 2 or 3 of the four quadrants picked by the seed;
     - one object in a named cell: that cell (a little wider) alone, black elsewhere;
     - one object with no place: the same in cell ``seed % 9`` (row-major from the top left), so that seeds 0-8
-      put it in every cell, as the world's captions leave its place free.
+      put it in every cell.
 
     Every object is drawn at the top right, mirrored and moved into place (:func:`_drawn`).
     A one-line ValueError for any other prompt (:func:`planned` returns an empty layout instead)."""
@@ -302,9 +299,13 @@ def plan_layout(prompt: str, seed: int = 0) -> Layout:
     objects = spec.objects if spec is not None else ()
     plan: list[tuple[shapes.ObjectSpec, Box, int]] = []
     if len(objects) == 2 and all(o.cell is None and o.count == 1 for o in objects):
-        plan = [(o, box, cell) for o, (box, cell) in zip(objects, RELATION_LAYOUT[spec.relation or "above"])]
-    elif len(objects) == 1 and objects[0].cell is None and objects[0].count in COUNT_LAYOUT:
-        plan = [(objects[0], box, cell) for box, cell in COUNT_LAYOUT[objects[0].count]]
+        for o, box, free in zip(objects, RELATION_HALVES[spec.relation or "above"], (seed % 3, seed // 3 % 3)):
+            across = box[2] - box[0] == 1  # a half of the full width: the column is free, else the row
+            cell = (2 if box[1] else 0) * 3 + free if across else free * 3 + (2 if box[0] else 0)
+            plan.append((o, box, cell))
+    elif len(objects) == 1 and objects[0].cell is None and objects[0].count in (2, 3, 4):
+        subsets = list(itertools.combinations(QUADRANTS, objects[0].count))
+        plan = [(objects[0], box, cell) for box, cell in subsets[seed % len(subsets)]]
     elif len(objects) == 1 and objects[0].count == 1:
         cell = objects[0].cell if objects[0].cell is not None else seed % 9
         plan = [(objects[0], cell_box(cell), cell)]
