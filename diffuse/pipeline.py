@@ -129,32 +129,35 @@ def generate(model: DiffusionModel, settings: SampleSettings, seeds: Sequence[in
 def regional_denoiser(model: DiffusionModel, settings: SampleSettings, whole: tuple[Callable, Any],
                       prompts: Optional[Sequence[str]], layouts: Sequence[Layout], negative: Optional[Sequence[str]],
                       concat: Optional[torch.Tensor], side: int, seeds: Sequence[int], codec: Codec) -> RegionDenoiser:
-    """The whole prompts' guided denoiser ``whole`` fused with image i's layouts[i] per pixel: path k runs region k of
-    every image at once (an image with fewer regions runs its whole prompt there, with weight 0). An isolated layout's
-    background is the codec's encoding of its color; its paths' outside noise comes from stream k of the image's seed."""
+    """The whole prompts' guided denoiser ``whole`` fused with image i's layouts[i] per pixel. Region k of every
+    image is path k; all paths run in one batch of (regions x images), an image with fewer regions running its whole
+    prompt in the paths it lacks, with weight 0. An isolated layout's background is the codec's encoding of its
+    color; its path k's outside noise comes from stream k + 1 of the image's seed."""
     if model.cfg.conditioning != "text" or prompts is None:
         raise ValueError("regional prompts need a text model and its prompts")
     if len(layouts) != len(prompts):
         raise ValueError(f"got layouts for {len(layouts)} images and {len(prompts)} prompts; give one per image")
-    paths, weights = [whole], []
     per_image = [region_weights([r.box for r in lay.regions], side) for lay in layouts]  # [1 + R_i, 1, 1, side, side] each
     n_paths = max(len(lay.regions) for lay in layouts)
-    for k in range(n_paths):
-        texts = [lay.regions[k].prompt if k < len(lay.regions) else p for lay, p in zip(layouts, prompts)]
-        paths.append(guided_denoiser(model, settings, len(prompts), prompts=texts, negative=negative, concat=concat))
-    for k in range(len(paths)):
-        weights.append(torch.cat([w[k] if k < len(w) else torch.zeros_like(w[0]) for w in per_image]))  # [B, 1, side, side]
-    frames = [Frames.of([lay.regions[k] if k < len(lay.regions) else None for lay in layouts], side) for k in range(n_paths)]
+    # virtual image k * B + i: region k of image i
+    by_path = [[lay.regions[k] if k < len(lay.regions) else None for lay in layouts] for k in range(n_paths)]
+    texts = [r.prompt if r is not None else p for path in by_path for r, p in zip(path, prompts)]
+    regions = guided_denoiser(model, settings, len(texts), prompts=texts,
+                              negative=None if negative is None else list(negative) * n_paths,
+                              concat=None if concat is None else concat.repeat(n_paths, 1, 1, 1))
+    weights = torch.stack([torch.cat([w[k] if k < len(w) else torch.zeros_like(w[0]) for w in per_image])
+                           for k in range(1 + n_paths)])  # [1 + R, B, 1, side, side]
+    frames = Frames.of([r for path in by_path for r in path], side)
     isolated = torch.tensor([lay.background is not None for lay in layouts])
     if not bool(isolated.any()):
-        return RegionDenoiser(paths, torch.stack(weights), frames=frames)
+        return RegionDenoiser(whole, regions, weights, frames=frames)
     device = next(model.parameters()).device
     colors = [lay.background or (0, 0, 0) for lay in layouts]  # a shared image's background is never used
     encoded = {c: background_latent(codec, c, side, device) for c in set(colors)}  # one encode per color, not per image
     background = torch.cat([encoded[c] for c in colors])
     shape = (len(seeds), model.cfg.channels, side, side)
-    noise = [rng.randn(shape, rng.stream_generators(seeds, k + 1), device=device) for k in range(n_paths)]
-    return RegionDenoiser(paths, torch.stack(weights), background=background, isolated=isolated, outside_noise=noise,
+    noise = torch.cat([rng.randn(shape, rng.stream_generators(seeds, k + 1), device=device) for k in range(n_paths)])
+    return RegionDenoiser(whole, regions, weights, background=background, isolated=isolated, outside_noise=noise,
                           frames=frames)
 
 

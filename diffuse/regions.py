@@ -180,37 +180,39 @@ def region_weights(boxes: Sequence[Box], side: int) -> torch.Tensor:
 
 
 class RegionDenoiser:
-    """The per-pixel weighted sum of several (denoiser, cond) paths: D(x, sigma) = sum_r w_r D_r(x_r, sigma, cond_r).
+    """The per-pixel weighted sum of the whole prompt's path and the region paths:
+    D(x, sigma) = w_0 D_0(x, sigma, cond_0) + sum_r w_r D_R(x_r, sigma, cond_R[r]).
 
-    ``weights`` [P, B, 1, H, W] (:func:`region_weights` per image); path 0 is the whole prompt's, paths 1.. the
-    regions'. ``background`` [B, C, H, W] (model space) and ``isolated`` [B] bool: for an isolated image, region
-    path r sees x_r = m_r x + (1 - m_r)(background + sigma ``outside_noise[r - 1]``) with m_r its box, and path 0
-    gives the background itself; other images' paths see x. A path whose weight is zero everywhere is never
-    called. The sampler's own ``cond`` is unused (each path carries its own)."""
+    ``weights`` [1 + R, B, 1, H, W] (:func:`region_weights` per image); ``whole`` = (denoiser, cond) for the B
+    images' whole prompts; ``regions`` = (denoiser, cond) for R * B virtual images, region r of image i at
+    r * B + i, all R paths evaluated in one call. ``background`` [B, C, H, W] (model space) and ``isolated`` [B]
+    bool: for an isolated image, region path r sees x_r = m_r x + (1 - m_r)(background + sigma n_r) with m_r its
+    box and n_r = ``outside_noise`` [R * B, C, H, W] at r * B + i, and path 0 gives the background itself; other
+    images' paths see x. ``frames`` (R * B): the frame each region path draws in. Path 0 is never called where
+    its weight is zero everywhere. The sampler's own ``cond`` is unused (each path carries its own)."""
 
-    def __init__(self, paths: Sequence[tuple[Callable, Any]], weights: torch.Tensor, *,
+    def __init__(self, whole: tuple[Callable, Any], regions: tuple[Callable, Any], weights: torch.Tensor, *,
                  background: Optional[torch.Tensor] = None, isolated: Optional[torch.Tensor] = None,
-                 outside_noise: Sequence[torch.Tensor] = (), frames: Sequence[Optional[Frames]] = ()):
-        if len(paths) != len(weights):
-            raise ValueError(f"{len(paths)} denoisers for {len(weights)} weight maps")
-        if frames and len(frames) != len(paths) - 1:
-            raise ValueError(f"{len(frames)} frames for {len(paths) - 1} region paths")
+                 outside_noise: Optional[torch.Tensor] = None, frames: Optional[Frames] = None):
+        self.n_regions, batch = len(weights) - 1, weights.shape[1]
+        if self.n_regions < 1:
+            raise ValueError("a region denoiser needs at least one region")
+        if frames is not None and len(frames.shift) != self.n_regions * batch:
+            raise ValueError(f"frames for {len(frames.shift)} paths, not {self.n_regions} regions x {batch} images")
         self.isolated = isolated if isolated is not None and bool(isolated.any()) else None
-        if self.isolated is not None and (background is None or len(outside_noise) != len(paths) - 1):
-            raise ValueError("isolated region paths need a background and one outside noise per region path")
-        self.background = background
+        if self.isolated is not None and (background is None or outside_noise is None
+                                          or len(outside_noise) != self.n_regions * batch):
+            raise ValueError("isolated region paths need a background and an outside noise per region and image")
+        self.background, self.frames, self.regions = background, frames, regions
         iso = self.isolated.float()[:, None, None, None] if self.isolated is not None else None
         # path 0 runs only where a shared image gives it weight; an isolated image takes the background there
         shared0 = weights[0] if iso is None else weights[0] * (1 - iso)
-        self.whole = (weights[0], *paths[0]) if bool(weights[0].any()) else None
+        self.whole = (weights[0], *whole) if bool(weights[0].any()) else None
         self.whole_needed = bool(shared0.any())
-        # (weight, 1 where the path sees the background instead of x, outside noise, frames, denoiser, cond)
-        self.parts = []
-        for k in range(1, len(paths)):
-            if bool(weights[k].any()):
-                outside = iso * (weights[k] == 0).float() if iso is not None else None
-                noise = outside_noise[k - 1] if iso is not None else None
-                self.parts.append((weights[k], outside, noise, frames[k - 1] if frames else None, *paths[k]))
+        self.weights = weights[1:]  # [R, B, 1, H, W]
+        # [R * B, 1, H, W]: 1 where a region path sees the background instead of x; None when no image is isolated
+        self.outside = (iso * (self.weights == 0).float()).flatten(0, 1) if iso is not None else None
+        self.outside_noise = outside_noise
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any = None) -> torch.Tensor:
         out = torch.zeros_like(x)
@@ -223,12 +225,18 @@ class RegionDenoiser:
                 if self.isolated is not None:
                     d = torch.where(self.isolated[:, None, None, None].to(x.device), self.background.to(x), d)
             out = out + w.to(x) * d
-        s = torch.as_tensor(sigma, device=x.device, dtype=x.dtype).reshape(-1, 1, 1, 1)
-        for w, outside, noise, frames, denoiser, c in self.parts:
-            xin = x if outside is None else torch.lerp(x, self.background.to(x) + s * noise.to(x), outside.to(x))
-            d = denoiser(xin, sigma, c) if frames is None else frames.leave(denoiser(frames.enter(xin), sigma, c))
-            out = out + w.to(x) * d
-        return out
+        r = self.n_regions
+        sigmas = torch.as_tensor(sigma, device=x.device, dtype=x.dtype).reshape(-1).expand(len(x)).repeat(r)
+        xin = x.repeat(r, 1, 1, 1)
+        if self.outside is not None:
+            outside_in = self.background.to(x).repeat(r, 1, 1, 1) + sigmas[:, None, None, None] * self.outside_noise.to(x)
+            xin = torch.lerp(xin, outside_in, self.outside.to(x))
+        denoiser, c = self.regions
+        if self.frames is None:
+            d = denoiser(xin, sigmas, c)
+        else:
+            d = self.frames.leave(denoiser(self.frames.enter(xin), sigmas, c))
+        return out + (self.weights.to(x) * d.unflatten(0, (r, len(x)))).sum(0)
 
 
 # the halves of the canvas that satisfy each relation for (first object, second object); a pair joined by "and"

@@ -25,20 +25,21 @@ def test_weights_cover_each_pixel_once_and_share_overlaps():
         region_weights([(0, 0, 0.1, 0.1)], 4)
 
 
-def test_region_denoiser_takes_each_path_inside_its_weight_and_skips_unused_paths():
+def test_region_denoiser_takes_each_path_inside_its_weight_in_one_call_and_skips_unused_paths():
+    """Two images, two regions: the region paths run as one batch of 2 x 2 virtual images (region r of image i at
+    r * 2 + i), each giving the value its cond names; the whole prompt's path is never called."""
     calls = []
 
-    def const(value):
-        def d(x, sigma, cond):
-            calls.append((value, cond))
-            return torch.full_like(x, value)
-        return d
+    def by_cond(x, sigma, cond):
+        calls.append((len(x), cond))
+        return torch.as_tensor(cond, dtype=x.dtype)[:, None, None, None].expand_as(x)
 
-    weights = region_weights([(0, 0, 0.5, 1), (0.5, 0, 1, 1)], 4)  # the halves cover everything: path 0 unused
-    den = RegionDenoiser([(const(9.0), "whole"), (const(1.0), "left"), (const(2.0), "right")], weights)
+    w = region_weights([(0, 0, 0.5, 1), (0.5, 0, 1, 1)], 4)  # the halves cover everything: path 0 unused
+    den = RegionDenoiser((by_cond, [9.0, 9.0]), (by_cond, [1.0, 3.0, 2.0, 4.0]), torch.cat([w, w], dim=1))
     out = den(torch.zeros(2, 3, 4, 4), torch.ones(2))
-    assert torch.equal(out[:, :, :, :2], torch.ones(2, 3, 4, 2)) and torch.equal(out[:, :, :, 2:], torch.full((2, 3, 4, 2), 2.0))
-    assert calls == [(1.0, "left"), (2.0, "right")]
+    for i, (left, right) in enumerate([(1.0, 2.0), (3.0, 4.0)]):
+        assert torch.equal(out[i, :, :, :2], torch.full((3, 4, 2), left)) and torch.equal(out[i, :, :, 2:], torch.full((3, 4, 2), right))
+    assert calls == [(4, [1.0, 3.0, 2.0, 4.0])]
 
 
 def test_parse_and_its_one_line_errors():
@@ -72,7 +73,7 @@ def test_a_framed_path_draws_mirrored_or_shifted_and_its_output_is_moved_back():
                Region("p", (0, 0, 1, 1), mirror=True, shift=(-1 / 6, 0))]
     frames = Frames.of(regions, 6)
     assert frames.shift == ((0, 0), (2, -3), (-1, 0)) and torch.equal(frames.leave(frames.enter(x)), x)
-    den = RegionDenoiser([(None, None), (ramp, None)], torch.cat([whole] * 3, dim=1), frames=[frames])
+    den = RegionDenoiser((None, None), (ramp, None), torch.cat([whole] * 3, dim=1), frames=frames)
     out = den(x, torch.ones(3)) - x
     cols, rows = torch.arange(6.0), torch.arange(6.0)[:, None]
     # canvas column c, row r is frame column / row ...
@@ -94,8 +95,8 @@ def test_isolated_paths_see_the_background_outside_their_box_and_uncovered_pixel
     w = region_weights([(0, 0, 0.5, 0.5)], 4)
     weights = torch.cat([w, w], dim=1)  # [paths, images, 1, 4, 4]
     noise = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
-    den = RegionDenoiser([(const("whole", 9.0), None), (const("box", 1.0), None)], weights,
-                         background=torch.full((2, 3, 4, 4), -1.0), isolated=torch.tensor([True, False]), outside_noise=[noise])
+    den = RegionDenoiser((const("whole", 9.0), None), (const("box", 1.0), None), weights,
+                         background=torch.full((2, 3, 4, 4), -1.0), isolated=torch.tensor([True, False]), outside_noise=noise)
     x = torch.full((2, 3, 4, 4), 0.3)
     out = den(x, torch.full((2,), 2.0))
     inside = torch.zeros(4, 4, dtype=torch.bool)
@@ -107,8 +108,8 @@ def test_isolated_paths_see_the_background_outside_their_box_and_uncovered_pixel
     assert torch.equal(out[:, :, inside], torch.ones(2, 3, 4))
     assert torch.equal(out[0][:, ~inside], torch.full((3, 12), -1.0)) and torch.equal(out[1][:, ~inside], torch.full((3, 12), 9.0))
     seen.clear()  # all images isolated: the whole prompt's path is never run
-    den = RegionDenoiser([(const("whole", 9.0), None), (const("box", 1.0), None)], weights,
-                         background=torch.full((2, 3, 4, 4), -1.0), isolated=torch.tensor([True, True]), outside_noise=[noise])
+    den = RegionDenoiser((const("whole", 9.0), None), (const("box", 1.0), None), weights,
+                         background=torch.full((2, 3, 4, 4), -1.0), isolated=torch.tensor([True, True]), outside_noise=noise)
     den(x, torch.full((2,), 2.0))
     assert list(seen) == ["box"]
 
