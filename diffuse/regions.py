@@ -9,7 +9,8 @@ denoiser's output D within a step, so averaging the guided D estimates per pixel
 
 where D_r is the denoiser guided by region r's prompt (classifier-free guidance, negative prompt and
 corrections as for a plain image) and w_r is 1 inside its box, shared equally where boxes overlap. The
-whole prompt covers the pixels that no box covers. Each region adds one guided denoiser call per step.
+whole prompt covers the pixels that no box covers. All regions' paths run in one guided denoiser call per
+step (a batch of regions x images), beside the whole prompt's where it is needed.
 
 Shared or isolated paths. By default every path sees the whole shared sample (MultiDiffusion). With a
 background color, each region's path sees only its own box: outside it, the path's input is the
@@ -270,8 +271,8 @@ def _drawn(box: Box, cell: int, shape: str, color: Optional[str], size: Optional
     into place. The shipped `shapes` model places a named object in the right column far better than in the
     others (isolated cell regions, 30 colored prompts per cell: top right 30, on the right 29, bottom right 27;
     top left 21, on the left 13, bottom left 19; top 24, center 15, bottom 28), and draws an object without a
-    color only in the top row ("a square" on the right or at the bottom: nothing in 6 of 6 seeds; bench/RESULTS.md,
-    "Drawing every object at the top right"). A left-column object is drawn mirrored left-right, which is exact in
+    color only in the top row ("a square" in the middle or bottom row of the right column: nothing, 12 seeds of 12;
+    bench/RESULTS.md, "Drawing every object at the top right"). A left-column object is drawn mirrored left-right, which is exact in
     this world (every shape is mirror-symmetric and the mirror of "left" is "right"); a middle-column one one
     column to the right (``box`` is a cell's or spans the width); it is moved up by its row (``box`` is a cell's or
     spans the height), or a box of half the height to the top of the canvas. The moves wrap around the canvas and
