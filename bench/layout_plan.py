@@ -46,8 +46,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=40, help="prompts per family of shapes.eval_prompts (the unplannable ones are skipped)")
     ap.add_argument("--families", nargs="+", default=["position"], choices=shapes.EVAL_FAMILIES)
     ap.add_argument("--prompt-seed", type=int, default=0,
-                    help="shapes.eval_prompts seed (0: the eval set `diffuse eval adherence` uses; the planner's place "
-                         "phrases were picked on its first 60 position prompts, so 1 gives prompts not used for that)")
+                    help="shapes.eval_prompts seed (0: the eval set `diffuse eval adherence` uses, on whose first "
+                         "prompts the planner's choices were compared; 1 gives prompts not used for that)")
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args()
     if args.threads:
