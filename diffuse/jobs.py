@@ -37,6 +37,7 @@ from .codec import Codec
 from .pipeline import Generated, Pipeline, SampleSettings
 from .plot import to_uint8
 from .record import png_info
+from .regions import Color, Region
 from .steps import StepInfo
 
 FINAL = ("done", "failed", "cancelled")
@@ -120,9 +121,13 @@ class GenerateParams(JobParams):
     """A text-to-image (or class-to-image) job."""
 
     size: int
+    regions: tuple[Region, ...] = ()
+    region_background: Optional[Color] = None
+    plan_layout: Optional[bool] = None  # None: the model's default
 
     def batch_key(self) -> Hashable:
-        return (settings_key(self.settings), self.size, self.negative_prompt)
+        return (settings_key(self.settings), self.size, self.negative_prompt, self.regions, self.region_background,
+                self.plan_layout)
 
 
 UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP")
@@ -232,7 +237,8 @@ def run_generate(pipe: Pipeline, jobs: Sequence[Job], callback: Callable[[StepIn
     first: GenerateParams = jobs[0].params
     out = pipe.generate_batch(seeds, prompts=None if prompts[0] is None else prompts, negative=first.negative_prompt,
                               class_labels=None if labels[0] is None else labels, settings=first.settings,
-                              size=first.size, batch_size=len(seeds), callback=callback)
+                              size=first.size, batch_size=len(seeds), callback=callback, regions=first.regions,
+                              region_background=first.region_background, plan_layout=first.plan_layout)
     return _split(jobs, out)
 
 

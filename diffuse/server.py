@@ -246,7 +246,8 @@ def create_app(pipes: dict[str, Pipeline], *, max_queue: int = 32, max_batch: in
                                        image_size=m.cfg.image_size * pipe.codec.factor,
                                        size_multiple=m.size_factor() * pipe.codec.factor if m.size_factor() else None,
                                        num_classes=m.cfg.num_classes if m.cfg.conditioning == "class" else 0,
-                                       vocabulary=vocab, defaults=dataclasses.asdict(pipe.defaults)))
+                                       vocabulary=vocab, defaults=dataclasses.asdict(pipe.defaults),
+                                       plan_layout=pipe.plan_layout))
         return ModelsOut(models=out_models, samplers=list(SAMPLERS), schedules=list(SCHEDULES), max_batch=max_batch)
 
     return app

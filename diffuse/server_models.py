@@ -18,11 +18,13 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_val
 from . import edit
 from .jobs import EditParams, GenerateParams, Upload, UploadTooLarge
 from .pipeline import Pipeline, SampleSettings
+from .regions import Region, parse_color, plan_layout
 from .samplers import SAMPLERS
 from .schedules import SCHEDULES
 
 MAX_PROMPT = 1000
 MAX_SIZE = 1024
+MAX_REGIONS = 16
 MAX_UPLOAD_BYTES = 4 << 20
 MAX_UPLOAD_PIXELS = 2048 * 2048
 
@@ -127,12 +129,33 @@ class GenerateRequest(JobFields):
 
     kind: Literal["generate"] = "generate"
     size: Optional[int] = Field(None, ge=1, le=MAX_SIZE, description="image width = height in pixels; default: native")
+    regions: list[str] = Field(default_factory=list, max_length=MAX_REGIONS,
+                               description="regional prompts, each X0,Y0,X1,Y1=PROMPT (a box in fractions of the canvas, "
+                                           "0,0 the top left), e.g. 0,0,1,0.5=a red circle at the top")
+    region_background: Optional[str] = Field(None, max_length=32, description="isolate the regions over this background "
+                                             "color (black, #rrggbb or R,G,B); default: shared paths")
+    plan_layout: Optional[bool] = Field(None, description="shapes models: lay the prompt out as isolated regions "
+                                        "(two objects, a count, one object); default: the model's")
 
     def params(self, pipes: dict[str, Pipeline], limits: Limits) -> GenerateParams:
         name, pipe, settings = self.checked(pipes, limits)
         with field_errors("size"):
             size = pipe.check_size(self.size or pipe.model.cfg.image_size * pipe.codec.factor)
-        return GenerateParams(name, self.prompt, self.negative_prompt, self.class_label, self.seed, self.batch, settings, size)
+        if self.regions and self.plan_layout:
+            raise FieldError("plan_layout", "give regions or plan_layout, not both")
+        if self.region_background is not None and not self.regions:
+            raise FieldError("region_background", "a region background applies to regions; give at least one region")
+        with field_errors("region_background"):
+            background = parse_color(self.region_background) if self.region_background is not None else None
+        with field_errors("regions"):
+            regions = tuple(Region.parse(r) for r in self.regions)
+        with field_errors("regions" if regions else "plan_layout"):
+            if self.plan_layout:
+                plan_layout(self.prompt or "")  # asked for: a prompt it cannot plan is an error, not a plain image
+            pipe.layouts([self.prompt] * self.batch, range(self.seed, self.seed + self.batch), size, regions, background,
+                         self.plan_layout)
+        return GenerateParams(name, self.prompt, self.negative_prompt, self.class_label, self.seed, self.batch, settings, size,
+                              regions, background, self.plan_layout)
 
 
 UPLOAD = "base64 of a PNG, JPEG or WebP file, bare or as a data URL (data:image/png;base64,...)"
@@ -237,6 +260,7 @@ class ModelOut(BaseModel):
     num_classes: int
     vocabulary: list[str]
     defaults: dict[str, Any]
+    plan_layout: bool = Field(description="whether generate jobs plan the layout when the request does not say")
 
 
 class ModelsOut(BaseModel):

@@ -96,6 +96,16 @@ def test_generate_shows_the_image_with_its_parameters(server_url, page):
     page.screenshot(path=str(ARTIFACTS / "serve-page.png"), full_page=True)
 
 
+def drop_gallery_png(page):
+    """Drop the gallery's first PNG (the server's file, with its text chunks) onto the page."""
+    page.evaluate("""async () => {
+        const blob = await (await fetch(document.querySelector('.card img').src)).blob();
+        const dt = new DataTransfer();
+        dt.items.add(new File([blob], 'image.png', {type: 'image/png'}));
+        document.dispatchEvent(new DragEvent('drop', {dataTransfer: dt, bubbles: true, cancelable: true}));
+    }""")
+
+
 def test_dropping_a_diffuse_png_loads_its_parameters(server_url, page):
     page.goto(server_url)
     page.wait_for_function("document.getElementById('model-info').textContent.startsWith('tiny-text')")
@@ -109,16 +119,32 @@ def test_dropping_a_diffuse_png_loads_its_parameters(server_url, page):
     page.fill("#negative_prompt", "")
     page.fill("#seed", "0")
     page.fill("#steps", "20")
-    # drop the gallery's PNG (the server's file, with its text chunks) onto the page
-    page.evaluate("""async () => {
-        const blob = await (await fetch(document.querySelector('.card img').src)).blob();
-        const dt = new DataTransfer();
-        dt.items.add(new File([blob], 'image.png', {type: 'image/png'}));
-        document.dispatchEvent(new DragEvent('drop', {dataTransfer: dt, bubbles: true, cancelable: true}));
-    }""")
+    drop_gallery_png(page)
     page.wait_for_function("document.getElementById('seed').value === '123'")
     assert page.input_value("#prompt") == CAPTIONS[1] and page.input_value("#negative_prompt") == "a red circle"
     assert page.input_value("#steps") == "3" and page.input_value("#cfg") == "2"
+
+
+def test_regions_from_the_page_and_back_from_a_dropped_png(server_url, page):
+    page.goto(server_url)
+    page.wait_for_function("document.getElementById('model-info').textContent.startsWith('tiny-text')")
+    assert not page.is_checked("#plan_layout")  # the model's default
+    page.fill("#prompt", CAPTIONS[0])
+    page.fill("#steps", "3")
+    page.fill("#regions", "0,0,1=a red circle")
+    page.click("#generate")
+    page.wait_for_function("document.getElementById('error').textContent.includes('is not X0,Y0,X1,Y1=PROMPT')")
+    page.fill("#regions", "0,0,0.5,1=a green triangle\n 0.5,0,1,1=a red circle ")
+    page.fill("#region_background", "black")
+    page.click("#generate")
+    page.wait_for_selector(".card img", timeout=60_000)
+    assert "regions: 2" in page.locator(".card .params").inner_text()
+    page.fill("#regions", "")
+    page.fill("#region_background", "")
+    drop_gallery_png(page)
+    page.wait_for_function("document.getElementById('regions').value !== ''")
+    assert page.input_value("#regions") == "0,0,0.5,1=a green triangle\n0.5,0,1,1=a red circle"
+    assert page.input_value("#region_background") == "0,0,0" and not page.is_checked("#plan_layout")
 
 
 def test_inpaint_with_a_painted_mask(server_url, page, tmp_path):

@@ -141,6 +141,21 @@ def test_a_jobs_cfg_interval_gives_the_pipelines_image_and_none_guides_every_ste
     assert not np.array_equal(*pixels)  # the interval changed the image: the field reached the sampler
 
 
+def test_a_jobs_regions_give_the_pipelines_image_and_are_recorded(pipe):
+    regions = ["0,0,0.5,1=a green triangle", "0.5,0,1,1=a red circle"]
+    with client_for(pipe) as client:
+        for background in (None, "black"):
+            body = {"prompt": CAPTIONS[0], "seed": 4, "steps": 3, "regions": regions, "region_background": background}
+            events, job = wait_done(client, client.post("/v1/jobs", json=body).json()["id"])
+            assert job["status"] == "done"
+            (want,) = pipe.generate_batch([4], prompts=[CAPTIONS[0]], settings=SampleSettings(sampler="dpmpp_2m", steps=3, cfg=2.0),
+                                          regions=regions, region_background=background)
+            np.testing.assert_array_equal(png_pixels(client.get(job["images"][0]["url"]).content), np.asarray(want.image))
+            record = job["images"][0]["record"]
+            assert [r["prompt"] for r in record["regions"]] == ["a green triangle", "a red circle"]
+            assert record["region_background"] == (None if background is None else [0, 0, 0])
+
+
 def test_same_settings_are_batched_and_stay_deterministic(pipe, monkeypatch):
     gate = Gate(monkeypatch, pipe, "generate_batch")
     with client_for(pipe, max_batch=8) as client:
@@ -245,6 +260,15 @@ def test_finished_jobs_are_evicted_past_the_limit(pipe):
     ({"prompt": CAPTIONS[0], "model": "other"}, "model", "no model 'other'"),
     ({"prompt": CAPTIONS[0], "seed": -1}, "seed", "greater than or equal to 0"),
     ({"prompt": CAPTIONS[0], "out": "/etc/passwd"}, "out", "Extra inputs are not permitted"),
+    ({"prompt": CAPTIONS[0], "regions": ["0,0,1=a red circle"]}, "regions", "is not X0,Y0,X1,Y1=PROMPT"),
+    ({"prompt": CAPTIONS[0], "regions": ["0,0,1,1=a purple dragon"]}, "regions", "purple, dragon"),
+    ({"prompt": CAPTIONS[0], "regions": ["0,0,1,1=a red circle"] * 17}, "regions", "at most 16 items"),
+    ({"prompt": CAPTIONS[0], "region_background": "black"}, "region_background", "give at least one region"),
+    ({"prompt": CAPTIONS[0], "regions": ["0,0,1,1=a red circle"], "region_background": "dark"}, "region_background",
+     "color 'dark' is not"),
+    ({"prompt": CAPTIONS[0], "regions": ["0,0,1,1=a red circle"], "plan_layout": True}, "plan_layout", "not both"),
+    ({"prompt": "two yellow squares", "plan_layout": True}, "plan_layout", "at the top right: the prompt has words"),
+    ({"prompt": CAPTIONS[1] + " above two yellow squares", "plan_layout": True}, "plan_layout", "cannot plan a layout"),
 ])
 def test_validation_errors_name_the_field(pipe, body, field, words):
     with client_for(pipe) as client:
@@ -316,7 +340,7 @@ def test_openapi_schema_matches_the_routes(pipe):
     schemas = schema["components"]["schemas"]
     common = {"kind", "model", "prompt", "negative_prompt", "class_label", "seed", "batch", "sampler", "steps", "schedule", "cfg",
               "cfg_interval"}
-    fields = {"GenerateRequest": {"size"}, "Img2ImgRequest": {"image", "resize", "strength"},
+    fields = {"GenerateRequest": {"size", "regions", "region_background", "plan_layout"}, "Img2ImgRequest": {"image", "resize", "strength"},
               "InpaintRequest": {"image", "resize", "mask", "strength", "feather", "jumps", "jump_length", "binarize"}}
     for name, kind in kinds.items():
         request = schemas[name]
