@@ -414,9 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "only its own box, and pixels no box covers are the background; needed when regions repeat an object")
     p.add_argument("--plan-layout", action=argparse.BooleanOptionalAction,
                    help="shapes models: lay out the prompt as isolated regions on the black canvas: two objects (\"a red "
-                        "circle above a blue square\", \"... and ...\"), a count (\"three red circles\") or one object, in its named "
-                        "place or in cell SEED %% 9; "
-                        "default: the model's (the shipped shapes plans what it can); --no-plan-layout: the network alone")
+                        "circle above a blue square\", \"... and ...\"), a count (\"three red circles\") or one object "
+                        "(in its named place, else in cell SEED %% 9); default: the model's (the shipped shapes plans "
+                        "what it can); --no-plan-layout: the network alone")
     p.add_argument("--grid", action="store_true", help="also write a grid of all images")
     _provenance_flags(p)
     _fast_path_flags(p)

@@ -64,9 +64,8 @@ class Region:
 
     ``mirror`` and ``shift`` set the frame the region's path draws in: the path denoises its input mirrored
     left-right (``mirror``) and then moved by ``shift`` = (right, down), fractions of the width and height
-    (wrapping around), and its output is
-    moved back, so ``prompt`` describes the object where the path draws it. :func:`plan_layout` uses this to draw
-    every object in the column the model places best."""
+    (wrapping around), and its output is moved back, so ``prompt`` describes the object where the path draws
+    it. :func:`plan_layout` uses this to draw every object at the top right, where the model draws best."""
 
     prompt: str
     box: Box
@@ -114,7 +113,7 @@ class Region:
 
 @dataclass(frozen=True)
 class Frames:
-    """Per image of a batch, the frame one region path draws in (:class:`Region`'s ``mirror`` and ``shift``, the
+    """The frame each image of a region path's batch draws in (:class:`Region`'s ``mirror`` and ``shift``, the
     shift (right, down) in pixels of the model's square canvas)."""
 
     mirror: torch.Tensor  # [B] bool
@@ -122,7 +121,7 @@ class Frames:
 
     @classmethod
     def of(cls, regions: Sequence[Optional[Region]], side: int) -> Optional["Frames"]:
-        """The frames of one path's regions (None: an image without that region); None when all are the canvas."""
+        """The frames of the regions (None: no region there, the canvas itself); None when all are the canvas."""
         mirror = torch.tensor([r is not None and r.mirror for r in regions])
         shift = tuple((round(r.shift[0] * side), round(r.shift[1] * side)) if r is not None else (0, 0) for r in regions)
         return cls(mirror, shift) if bool(mirror.any()) or any(any(s) for s in shift) else None
