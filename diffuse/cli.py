@@ -134,7 +134,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from .pipeline import Pipeline
     from .plot import image_grid
-    from .regions import plan_layout
     from .rng import parse_seeds
 
     if args.prompt is not None and len(args.prompt) > 1000:
@@ -145,9 +144,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     settings = sample_settings(pipe, args)
     notes = pipe.check_prompt(args.prompt, args.negative)  # refuse bad input before any folder or progress bar
     size = pipe.check_size(args.size) if args.size is not None else pipe.model.cfg.image_size * pipe.codec.factor
-    pipe.layouts([args.prompt] * len(seeds), seeds, size, args.region or [], args.region_background, args.plan_layout)  # checks
-    if args.plan_layout:
-        plan_layout(args.prompt or "")  # asked for: a prompt it cannot plan is an error, not a silent plain image
+    pipe.layouts([args.prompt] * len(seeds), seeds, size, args.region or [], args.region_background, args.plan_layout,
+                 require_plan=True)  # refuse bad layouts before any folder or progress bar
     out = writable_folder(Path(args.out))
     stem = slug(args.prompt) if args.prompt else pipe.name  # unconditional models: just the model's name
     if not args.prompt and args.class_label is not None:

@@ -37,7 +37,6 @@ from .codec import Codec
 from .pipeline import Generated, Pipeline, SampleSettings
 from .plot import to_uint8
 from .record import png_info
-from .regions import Color, Region
 from .steps import StepInfo
 
 FINAL = ("done", "failed", "cancelled")
@@ -121,8 +120,8 @@ class GenerateParams(JobParams):
     """A text-to-image (or class-to-image) job."""
 
     size: int
-    regions: tuple[Region, ...] = ()
-    region_background: Optional[Color] = None
+    regions: tuple[str, ...] = ()  # X0,Y0,X1,Y1=PROMPT, checked by Pipeline.layouts
+    region_background: Optional[str] = None
     plan_layout: Optional[bool] = None  # None: the model's default
 
     def batch_key(self) -> Hashable:

@@ -24,7 +24,8 @@ from .masks import concat_without_picture
 from .model import DiffusionModel
 from .plot import to_uint8
 from .record import file_hash, save_png
-from .regions import Color, Frames, Layout, Region, RegionDenoiser, parse_color, planned, region_weights
+from .regions import (Color, Frames, Layout, LayoutError, Region, RegionDenoiser, blame, parse_color, planned,
+                      plan_layout as grammar_layout, region_weights)
 from .samplers import get_sampler
 from .steps import StepInfo
 
@@ -368,25 +369,32 @@ class Pipeline:
 
     def layouts(self, prompts: Optional[Sequence[Optional[str]]], seeds: Sequence[int], size: int,
                 regions: Sequence[Region | str] = (), region_background: Optional[Color | str] = None,
-                plan_layout: Optional[bool] = None) -> list[Layout]:
-        """The layouts of the images of ``seeds`` at ``size`` pixels, checked (one-line ValueErrors). ``regions``:
+                plan_layout: Optional[bool] = None, *, require_plan: bool = False) -> list[Layout]:
+        """The layouts of the images of ``seeds`` at ``size`` pixels, checked. ``regions``:
         :class:`~diffuse.regions.Region` or ``"X0,Y0,X1,Y1=PROMPT"`` strings, the same for every image;
         ``region_background`` (RGB or a color such as "black"): their paths are isolated over that background
         (default: shared paths, the whole prompt where no box reaches). When planning (:meth:`planning`: ``plan_layout``,
         by default the model's folder's when no regions are given), each prompt that
         :func:`~diffuse.regions.plan_layout` can plan (shapes world: two objects, a count, one object) gets its
-        planned layout, which may depend on the image's seed, and the others none."""
-        given = tuple(r if isinstance(r, Region) else Region.parse(r) for r in regions)
+        planned layout, which may depend on the image's seed, and the others none; with ``require_plan`` and
+        ``plan_layout=True`` (a request that asks for a plan) a prompt it cannot plan is an error instead.
+        Errors: a one-line :class:`~diffuse.regions.LayoutError` naming the argument at fault."""
+        with blame("regions"):
+            given = tuple(r if isinstance(r, Region) else Region.parse(r) for r in regions)
         if given and plan_layout:
-            raise ValueError("give regions or plan_layout, not both")
-        background = parse_color(region_background) if isinstance(region_background, str) else region_background
+            raise LayoutError("plan_layout", "give regions or plan_layout, not both")
+        with blame("region_background"):
+            background = parse_color(region_background) if isinstance(region_background, str) else region_background
         if background is not None and not given:
-            raise ValueError("a region background applies to regions; give at least one region")
-        if self.planning(plan_layout, bool(given)):
-            out = [planned(p, seed) for p, seed in zip(prompts or [None] * len(seeds), seeds)]
-        else:
-            out = [Layout(given, background)] * len(seeds)
-        self.check_regions(list(dict.fromkeys(r for lay in out for r in lay.regions)), size)
+            raise LayoutError("region_background", "a region background applies to regions; give at least one region")
+        with blame("regions" if given else "plan_layout"):
+            if require_plan and plan_layout:
+                out = [grammar_layout(p or "", seed) for p, seed in zip(prompts or [None] * len(seeds), seeds)]
+            elif self.planning(plan_layout, bool(given)):
+                out = [planned(p, seed) for p, seed in zip(prompts or [None] * len(seeds), seeds)]
+            else:
+                out = [Layout(given, background)] * len(seeds)
+            self.check_regions(list(dict.fromkeys(r for lay in out for r in lay.regions)), size)
         return out
 
     def check_regions(self, regions: Sequence[Region], size: int) -> None:

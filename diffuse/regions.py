@@ -28,10 +28,11 @@ grammar instead of a language model.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -39,6 +40,26 @@ Box = tuple[float, float, float, float]
 Color = tuple[int, int, int]  # RGB, 0-255
 
 COLOR_NAMES: dict[str, Color] = {"black": (0, 0, 0), "white": (255, 255, 255), "gray": (128, 128, 128)}
+
+
+class LayoutError(ValueError):
+    """A layout argument that cannot be used; ``field`` names it (``regions``, ``region_background`` or
+    ``plan_layout``), so that a server can answer for that field."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+@contextlib.contextmanager
+def blame(field: str) -> Iterator[None]:
+    """Re-raise a ValueError of the checks inside as a :class:`LayoutError` naming ``field``."""
+    try:
+        yield
+    except LayoutError:
+        raise
+    except ValueError as e:
+        raise LayoutError(field, str(e)) from None
 
 
 def parse_color(text: str) -> Color:
@@ -204,6 +225,8 @@ class RegionDenoiser:
                                           or len(outside_noise) != self.n_regions * batch):
             raise ValueError("isolated region paths need a background and an outside noise per region and image")
         self.background, self.frames, self.regions = background, frames, regions
+        # what each region path sees outside its box: the background, repeated for the R paths once, not per step
+        self.background_paths = background.repeat(self.n_regions, 1, 1, 1) if self.isolated is not None else None
         iso = self.isolated.float()[:, None, None, None] if self.isolated is not None else None
         # path 0 runs only where a shared image gives it weight; an isolated image takes the background there
         shared0 = weights[0] if iso is None else weights[0] * (1 - iso)
@@ -229,7 +252,7 @@ class RegionDenoiser:
         sigmas = torch.as_tensor(sigma, device=x.device, dtype=x.dtype).reshape(-1).expand(len(x)).repeat(r)
         xin = x.repeat(r, 1, 1, 1)
         if self.outside is not None:
-            outside_in = self.background.to(x).repeat(r, 1, 1, 1) + sigmas[:, None, None, None] * self.outside_noise.to(x)
+            outside_in = self.background_paths.to(x) + sigmas[:, None, None, None] * self.outside_noise.to(x)
             xin = torch.lerp(xin, outside_in, self.outside.to(x))
         denoiser, c = self.regions
         if self.frames is None:

@@ -18,7 +18,6 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_val
 from . import edit
 from .jobs import EditParams, GenerateParams, Upload, UploadTooLarge
 from .pipeline import Pipeline, SampleSettings
-from .regions import Region, parse_color, plan_layout
 from .samplers import SAMPLERS
 from .schedules import SCHEDULES
 
@@ -47,8 +46,8 @@ def field_errors(field: str) -> Iterator[None]:
         yield
     except UploadTooLarge as e:
         raise FieldError(field, str(e), 413) from None
-    except ValueError as e:
-        raise FieldError(field, str(e)) from None
+    except ValueError as e:  # a LayoutError knows its field
+        raise FieldError(getattr(e, "field", field), str(e)) from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,21 +140,11 @@ class GenerateRequest(JobFields):
         name, pipe, settings = self.checked(pipes, limits)
         with field_errors("size"):
             size = pipe.check_size(self.size or pipe.model.cfg.image_size * pipe.codec.factor)
-        if self.regions and self.plan_layout:
-            raise FieldError("plan_layout", "give regions or plan_layout, not both")
-        if self.region_background is not None and not self.regions:
-            raise FieldError("region_background", "a region background applies to regions; give at least one region")
-        with field_errors("region_background"):
-            background = parse_color(self.region_background) if self.region_background is not None else None
-        with field_errors("regions"):
-            regions = tuple(Region.parse(r) for r in self.regions)
-        with field_errors("regions" if regions else "plan_layout"):
-            if self.plan_layout:
-                plan_layout(self.prompt or "")  # asked for: a prompt it cannot plan is an error, not a plain image
-            pipe.layouts([self.prompt] * self.batch, range(self.seed, self.seed + self.batch), size, regions, background,
-                         self.plan_layout)
+        with field_errors("regions"):  # a LayoutError names its own field
+            pipe.layouts([self.prompt] * self.batch, range(self.seed, self.seed + self.batch), size, self.regions,
+                         self.region_background, self.plan_layout, require_plan=True)
         return GenerateParams(name, self.prompt, self.negative_prompt, self.class_label, self.seed, self.batch, settings, size,
-                              regions, background, self.plan_layout)
+                              tuple(self.regions), self.region_background, self.plan_layout)
 
 
 UPLOAD = "base64 of a PNG, JPEG or WebP file, bare or as a data URL (data:image/png;base64,...)"
